@@ -1,0 +1,80 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Every weight carries logical axis names (see `latent_mca.parallel.sharding`),
+so sharding the model is a rules table, not code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Dtype,
+          param_dtype: Dtype, name: str) -> nn.Dense:
+  """nn.Dense whose kernel [in, out] (and bias [out]) carry logical axis names."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+
+
+class RMSNorm(nn.Module):
+  """Qwen RMSNorm: normalise in fp32, cast back, then scale (in that order, as the reference)."""
+
+  eps: float = 1e-6
+  axis_name: str = "embed"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)); the vision MLP has biases, the text MLP does not."""
+
+  hidden: int
+  use_bias: bool
+  embed_axis: str = "embed"
+  mlp_axis: str = "mlp"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = dense(self.hidden, (self.embed_axis, self.mlp_axis), name="gate_proj", **kw)(x)
+    up = dense(self.hidden, (self.embed_axis, self.mlp_axis), name="up_proj", **kw)(x)
+    h = nn.silu(gate) * up
+    return dense(x.shape[-1], (self.mlp_axis, self.embed_axis), name="down_proj", **kw)(h)
+
+
+def rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+  """x [..., heads, head_dim]; cos/sin [..., head_dim], broadcast over heads."""
+  return x * cos[..., None, :] + rotate_half(x) * sin[..., None, :]
+
+
+def attention(q, k, v, mask):
+  """Softmax attention with GQA.
+
+  q [B, T, N, H], k/v [B, S, K, H] with N % K == 0; mask bool, broadcastable to
+  [B, N, T, S] (True = attend). Logits and softmax in fp32, as the reference.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)

@@ -1,0 +1,107 @@
+"""The Qwen2.5-VL vision tower: patch embedding, windowed ViT blocks, 2x2 patch merger."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from latent_mca.models.qwen2_5_vl.config import VisionConfig
+from latent_mca.models.qwen2_5_vl.layers import RMSNorm, SwiGLU, apply_rotary, attention, dense
+from latent_mca.models.qwen2_5_vl.positions import VisionLayout
+
+Dtype = jnp.dtype
+
+
+class VisionBlock(nn.Module):
+  """Pre-norm attention + SwiGLU block; scanned over depth, so it also takes this layer's flag."""
+
+  config: VisionConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, is_full, cos, sin, window_mask, full_mask):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    n, d = x.shape
+    h = RMSNorm(cfg.rms_norm_eps, "vit_embed", name="norm1", **kw)(x)
+    qkv = dense(3 * d, ("vit_embed", "vit_qkv"), use_bias=True, name="qkv", **kw)(h)
+    q, k, v = jnp.split(qkv.reshape(n, 3, cfg.num_heads, cfg.head_dim), 3, axis=1)
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [N, heads, head_dim]
+    # The reference applies the vision rotary in fp32.
+    q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
+    k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
+    mask = jnp.where(is_full, full_mask, window_mask)[None, None]  # [1, 1, N, N]
+    out = attention(q[None], k[None], v[None], mask)[0].reshape(n, d)
+    x = x + dense(d, ("vit_qkv", "vit_embed"), use_bias=True, name="proj", **kw)(out)
+    h = RMSNorm(cfg.rms_norm_eps, "vit_embed", name="norm2", **kw)(x)
+    x = x + SwiGLU(cfg.intermediate_size, use_bias=True, embed_axis="vit_embed",
+                   mlp_axis="vit_mlp", name="mlp", **kw)(h)
+    x = nn.with_logical_constraint(x, ("vit_length", "vit_embed"))
+    return x, None
+
+
+class PatchMerger(nn.Module):
+  """RMSNorm, then concat each 2x2 group of patches (4C) and an MLP with GELU to the LM width."""
+
+  config: VisionConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    wide = cfg.hidden_size * cfg.spatial_merge_size**2
+    x = RMSNorm(1e-6, "vit_embed", name="ln_q", **kw)(x).reshape(-1, wide)
+    x = dense(wide, ("vit_merge", "vit_merge_hidden"), use_bias=True, name="mlp_0", **kw)(x)
+    x = nn.gelu(x, approximate=False)
+    return dense(cfg.out_hidden_size, ("vit_merge_hidden", "embed"), use_bias=True,
+                 name="mlp_2", **kw)(x)
+
+
+def vision_rotary(rotary_hw, head_dim: int, theta: float):
+  """cos, sin [N, head_dim] of the 2-D rotary: head_dim/4 frequencies each for rows and columns."""
+  spatial = head_dim // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial)
+  freqs = rotary_hw.astype(jnp.float32)[..., None] * inv_freq  # [N, 2, head_dim/4]
+  freqs = freqs.reshape(freqs.shape[0], -1)  # rows then columns: [N, head_dim/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+class VisionTower(nn.Module):
+  """pixel_values [N, C*T*P*P] -> merged image tokens [N / merge^2, text hidden]."""
+
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, pixel_values, layout: VisionLayout):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    unit = cfg.spatial_merge_size**2
+    n = pixel_values.shape[0]
+    # The Conv3d with stride == kernel is a matmul over flattened patches.
+    x = dense(cfg.hidden_size, ("vit_patch", "vit_embed"), use_bias=False, name="patch_embed",
+              **kw)(pixel_values.astype(self.dtype))
+    # Reorder merged tokens (groups of `unit` patches) so each window is contiguous.
+    x = x.reshape(n // unit, unit, -1)[layout.window_perm].reshape(n, -1)
+    cos, sin = vision_rotary(layout.rotary_hw, cfg.head_dim, cfg.rope_theta)
+    window_mask = layout.window_segment[:, None] == layout.window_segment[None, :]
+    full_mask = layout.frame_segment[:, None] == layout.frame_segment[None, :]
+    is_full = jnp.zeros((cfg.depth,), bool).at[jnp.array(cfg.fullatt_block_indexes,
+                                                         jnp.int32)].set(True)
+
+    block = nn.remat(VisionBlock, prevent_cse=False) if self.remat else VisionBlock
+    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = blocks(cfg, name="blocks", **kw)(x, is_full, cos, sin, window_mask, full_mask)
+    merged = PatchMerger(cfg, name="merger", **kw)(x)
+    inverse = jnp.zeros_like(layout.window_perm).at[layout.window_perm].set(
+        jnp.arange(layout.window_perm.shape[0], dtype=layout.window_perm.dtype))
+    return merged[inverse]
