@@ -1,0 +1,1 @@
+"""Parallelism: logical-axis sharding rules and mesh helpers."""

@@ -1,0 +1,29 @@
+"""latent_mca: RL fine-tuning of vision-language agents in a learned latent action space."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="latent_mca",
+    version="0.1.0",
+    description="JAX/Flax latent-action RL for Qwen2.5-VL multimodal conversational agents",
+    python_requires=">=3.10",
+    packages=find_packages(include=["latent_mca", "latent_mca.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "transformers>=4.57",  # tokenizers, config format; no torch needed
+        "tqdm",
+    ],
+    extras_require={
+        # The PyTorch reference the parity tests and benchmarks compare against.
+        "test": ["torch==2.13.0", "pytest"],
+    },
+)
