@@ -32,6 +32,7 @@ Writes `results/bench_backbone_<device>.json` (everything) and `.md` (the table)
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -249,7 +250,7 @@ def bench_reference(preset: Preset, folder: str, inputs: Inputs) -> tuple[dict, 
 
   first_s, loss = _timed(train_step)
   results["train_step"] = {"first_call_s": first_s, **_median_time(train_step, preset.repeats)}
-  outputs["loss"] = float(loss)
+  outputs["loss"] = float(loss.detach())
   outputs["grad_norm"] = float(torch.sqrt(sum(
       p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None)))
   model.zero_grad(set_to_none=True)
@@ -285,6 +286,7 @@ def bench_reference(preset: Preset, folder: str, inputs: Inputs) -> tuple[dict, 
   results["gradient_checkpointing"] = bool(cfg.remat)
   del model, batch
   if device.type == "cuda":
+    gc.collect()  # transformers modules hold reference cycles
     torch.cuda.empty_cache()
   return results, outputs
 
@@ -479,7 +481,10 @@ def _markdown(report: dict) -> str:
       f"{report['environment']['versions']['transformers']} "
       f"({report['reference_settings']['attn_implementation']}) on {report['device']['reference']}"
       f", torch threads {report['reference_settings']['threads']['torch_num_threads']}. "
-      "Speedup = reference time / our time (> 1: ours is faster).",
+      "Speedup = reference time / our time (> 1: ours is faster). Load average (1 min) at "
+      f"start/end: {report['load_average_1_5_15min']['start'][0]:.2f}/"
+      f"{report['load_average_1_5_15min']['end'][0]:.2f} on "
+      f"{report['environment']['host']['cpus_available']} CPUs.",
       "",
       "| measurement | ours | reference | speedup |",
       "|---|---:|---:|---:|",
@@ -534,6 +539,8 @@ def main(argv):
              f"is {torch.cuda.is_available()}. Use --preset cpu-small on this machine.")
   torch.set_num_threads(os.cpu_count())
   wall_start = time.perf_counter()
+  # Other processes on a shared host skew the timings; the load average shows it.
+  load_start = os.getloadavg()
   cfg = preset.config
   inputs = make_inputs(preset)
   seq = inputs.input_ids.shape[1]
@@ -591,6 +598,7 @@ def main(argv):
           "Train step: loss + gradients of all parameters, no optimizer update.",
           "logits_sample0_max_abs_diff compares the logits of the first sample only.",
       ],
+      "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
       "init_params_s": init_s,
       "wall_s": time.perf_counter() - wall_start,
   }

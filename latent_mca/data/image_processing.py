@@ -122,7 +122,7 @@ def smart_resize(height: int,
     raise ImageError(f"image size must be positive, got height={height}, width={width}")
   ratio = max(height, width) / min(height, width)
   if ratio > MAX_ASPECT_RATIO:
-    raise ImageError(f"image aspect ratio {ratio:.1f} (height={height}, width={width}) exceeds the "
+    raise ImageError(f"aspect ratio {ratio:.1f} (height={height}, width={width}) exceeds the "
                      f"maximum of {MAX_ASPECT_RATIO}")
   h_bar = round(height / factor) * factor
   w_bar = round(width / factor) * factor
@@ -230,19 +230,20 @@ def _normalise_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
 
 
 def _patchify(image: np.ndarray, config: ImageProcessorConfig) -> np.ndarray:
-  """Normalised [H, W, C] float32 -> [gh * gw, C * T * p * p] in the reference's order.
+  """Normalised [C, H, W] float32 -> [gh * gw, C * T * p * p] in the reference's order.
 
   Rows go block by block over the (gh / m, gw / m) grid of merge blocks, and
   inside a block row-major over its m x m patches; each row is laid out
   (channel, frame, y, x).
   """
   p, m, t = config.patch_size, config.merge_size, config.temporal_patch_size
-  height, width, channels = image.shape
+  channels, height, width = image.shape
   gh, gw = height // p, width // p
-  x = image.reshape(gh // m, m, p, gw // m, m, p, channels)  # [GH, mh, ph, GW, mw, pw, C]
-  x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # [GH, GW, mh, mw, C, ph, pw]
+  x = image.reshape(channels, gh // m, m, p, gw // m, m, p)  # [C, GH, mh, ph, GW, mw, pw]
+  # One contiguous copy here makes the repeat below a run of block copies.
+  x = np.ascontiguousarray(x.transpose(1, 4, 2, 5, 0, 3, 6))  # [GH, GW, mh, mw, C, ph, pw]
   # A still image is its own second frame: repeat it along a new time axis.
-  x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (t,) + x.shape[5:])  # [.., C, T, ph, pw]
+  x = np.repeat(x[:, :, :, :, :, None], t, axis=5)  # [GH, GW, mh, mw, C, T, ph, pw]
   return x.reshape(gh * gw, channels * t * p * p)
 
 
@@ -275,8 +276,7 @@ def preprocess_images(
   if not images:
     raise ValueError("preprocess_images needs at least one image, got none")
 
-  table = _normalise_table(config.image_mean, config.image_std)  # [256, 3]
-  channel = np.arange(3)  # indexes the table's channel axis, broadcast over H, W
+  table = _normalise_table(config.image_mean, config.image_std).T  # [3, 256]
   all_patches, grids = [], []
   for index, image in enumerate(images):
     rgb = _to_rgb(image, index)
@@ -288,7 +288,8 @@ def preprocess_images(
     # PIL's resize on uint8 RGB is exactly what the reference calls (it, too,
     # resizes even when the size is unchanged, which PIL makes a copy).
     resized = np.asarray(rgb.resize((width, height), resample=PIL.Image.Resampling.BICUBIC))  # [H, W, 3] uint8
-    normalised = table[resized, channel]  # [H, W, 3] float32
+    planes = resized.transpose(2, 0, 1)  # [3, H, W] uint8, channels first like the reference
+    normalised = np.stack([table[c][planes[c]] for c in range(3)])  # [3, H, W] float32
     all_patches.append(_patchify(normalised, config))
     grids.append((1, height // config.patch_size, width // config.patch_size))
 

@@ -1,0 +1,1 @@
+"""Data: image preprocessing (and, later, the synthetic world and task datasets)."""
