@@ -143,15 +143,14 @@ def test_large_image_small_max_pixels():
     (256 * 28 * 28, 512 * 28 * 28, (224, 224)),  # upscaled by min_pixels
     (256 * 28 * 28, 512 * 28 * 28, (900, 700)),  # downscaled by max_pixels
     (28 * 28 * 4, 28 * 28 * 16, (300, 300)),
-    (28 * 28, 28 * 28, (97, 350)),  # smallest budget: one merged token... or as close as allowed
+    (28 * 28, 28 * 28, (97, 350)),  # a budget of exactly one merged token
 ])
 def test_custom_pixel_budget_matches_reference(min_pixels, max_pixels, size):
   config = ip.ImageProcessorConfig(min_pixels=min_pixels, max_pixels=max_pixels)
   image = PIL.Image.fromarray(noise(*size, seed=11))
   _, grid_thw = assert_matches_reference([image], config)
   area = int(grid_thw[0, 1] * grid_thw[0, 2]) * 14 * 14
-  assert tuple(grid_thw[0, 1:] * 14) == ip.smart_resize(*size, 28, min_pixels, max_pixels)
-  assert area <= max(max_pixels, 28 * 28 * 4)
+  assert min_pixels <= area <= max_pixels
 
 
 def test_rgba_and_palette_transparency_match_reference():
@@ -164,7 +163,7 @@ def test_rgba_and_palette_transparency_match_reference():
   palette = PIL.Image.fromarray(noise(64, 80, seed=8)).convert("P", palette=PIL.Image.Palette.ADAPTIVE)
   palette.info["transparency"] = 3
   for image in (pil_rgba, pil_la, palette):
-    pixel_values, _ = assert_matches_reference([image])
+    assert_matches_reference([image])
   # Transparent pixels are composited onto white, not dropped: a fully
   # transparent image equals a white one.
   clear = np.zeros((56, 56, 4), np.uint8)

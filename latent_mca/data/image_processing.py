@@ -285,8 +285,8 @@ def preprocess_images(
                                    min_pixels=config.min_pixels, max_pixels=config.max_pixels)
     except ImageError as e:
       raise ImageError(f"image {index}: {e}") from e
-    # PIL's resize on uint8 RGB is exactly what the reference calls (it, too,
-    # resizes even when the size is unchanged, which PIL makes a copy).
+    # The reference's exact call: PIL bicubic on uint8 RGB, even when the size
+    # is unchanged (PIL then returns a copy).
     resized = np.asarray(rgb.resize((width, height), resample=PIL.Image.Resampling.BICUBIC))  # [H, W, 3] uint8
     planes = resized.transpose(2, 0, 1)  # [3, H, W] uint8, channels first like the reference
     normalised = np.stack([table[c][planes[c]] for c in range(3)])  # [3, H, W] float32
