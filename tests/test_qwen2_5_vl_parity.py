@@ -113,3 +113,51 @@ def test_image_token_count_mismatch_is_named(ours):
   with pytest.raises(ValueError, match="image tokens"):
     model.apply({"params": params}, ids, pixel_values=random_pixels([SMALL]),
                 image_grid_thw=np.array([SMALL]))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_gradients_match(reference, ours, remat):
+  """Next-token cross-entropy and its gradients, through the vision tower too."""
+  import jax
+  import optax
+
+  ref, _ = reference
+  model, params = ours
+  model = qwen2_5_vl.Qwen2_5_VL(model.config.replace(remat=remat))
+  ids, mask, pixels, grid = _mixed_batch()
+  # Predict token t+1 from a real token t; image tokens are inputs, not targets.
+  targets, weights = ids[:, 1:], mask[:, :-1] * mask[:, 1:] * (ids[:, 1:] != IMAGE)
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, ids, attention_mask=mask, pixel_values=pixels,
+                         image_grid_thw=grid).logits[:, :-1]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return (ce * weights).sum() / weights.sum()
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+
+  ref.zero_grad()
+  logits = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+               pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grid),
+               mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64))).logits[:, :-1]
+  ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         torch.tensor(targets).reshape(-1), reduction="none")
+  w = torch.tensor(weights, dtype=torch.float32).reshape(-1)
+  ref_loss = (ce * w).sum() / w.sum()
+  ref_loss.backward()
+  np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
+  named = dict(ref.named_parameters())
+  pairs = [  # (ours, reference [out, in] or [dim]) for one weight of each kind
+      (grads["visual"]["blocks"]["qkv"]["kernel"][0].T, "visual.blocks.0.attn.qkv.weight"),
+      (grads["visual"]["merger"]["mlp_0"]["kernel"].T, "visual.merger.mlp.0.weight"),
+      (grads["decoder"]["layers"]["q_proj"]["bias"][1], "layers.1.self_attn.q_proj.bias"),
+      (grads["decoder"]["layers"]["mlp"]["down_proj"]["kernel"][0].T, "layers.0.mlp.down_proj.weight"),
+      (grads["embed_tokens"]["embedding"], "embed_tokens.weight"),
+  ]
+  for ours_grad, suffix in pairs:
+    (name,) = [n for n in named if n.endswith(suffix)]
+    want = named[name].grad.numpy()
+    scale = np.abs(want).max()
+    assert scale > 0, name
+    np.testing.assert_allclose(np.asarray(ours_grad), want, atol=1e-4 * scale, rtol=0,
+                               err_msg=name)

@@ -138,6 +138,9 @@ class _TensorReader:
   def keys(self) -> Iterable[str]:
     return self._where.keys()
 
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
   def shape(self, name: str) -> tuple[int, ...]:
     file, key = self._where[name]
     with safe_open(file, framework="numpy") as f:
@@ -166,16 +169,16 @@ def load_params(path: str, config: Qwen2_5_VLConfig) -> dict:
     layer_shape = leaf.shape[1:] if stacked else leaf.shape
     want = _to_hf(flax_path, np.empty(layer_shape, np.int8), config).shape
     for name in names:
-      if name not in reader._where:
+      if name not in reader:
         problems.append(f"missing tensor {name} (expected shape {list(want)})")
       elif reader.shape(name) != want:
         problems.append(f"tensor {name} has shape {list(reader.shape(name))}, "
                         f"expected {list(want)}")
-    plan[flax_path] = names
+    plan[flax_path] = (names, stacked)
   if problems:
     raise CheckpointError(f"checkpoint {path!r} does not match its config:\n  " +
                           "\n  ".join(problems))
-  used = {n for names in plan.values() for n in names}
+  used = {n for names, _ in plan.values() for n in names}
   extra = sorted(set(reader.keys()) - used - ({"lm_head.weight"} if config.tie_word_embeddings
                                               else set()))
   if extra:
@@ -183,10 +186,9 @@ def load_params(path: str, config: Qwen2_5_VLConfig) -> dict:
                     path, len(extra), extra[:5])
   dtype = config.param_dtype
   params = {}
-  for flax_path, names in plan.items():
+  for flax_path, (names, stacked) in plan.items():
     arrays = [_from_hf(flax_path, reader.get(n)) for n in names]
-    leaf = np.stack(arrays) if len(names) > 1 or "{i}" in hf_name(flax_path) else arrays[0]
-    params[flax_path] = jnp.asarray(leaf, dtype=dtype)
+    params[flax_path] = jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype=dtype)
   return traverse_util.unflatten_dict(params, sep="/")
 
 
