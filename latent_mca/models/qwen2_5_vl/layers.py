@@ -61,6 +61,20 @@ class SwiGLU(nn.Module):
     return dense(x.shape[-1], (self.mlp_axis, self.embed_axis), name="down_proj", **kw)(h)
 
 
+def stack_layers(block: type[nn.Module], length: int, in_axes: tuple, remat: bool):
+  """`block` applied `length` times with nn.scan; its weights get a leading "layers" axis.
+
+  Scanning compiles one layer instead of `length` copies. The block returns
+  (carry, per-layer output); `in_axes` says which extra arguments are per layer (0)
+  and which are shared (nn.broadcast).
+  """
+  if remat:
+    block = nn.remat(block, prevent_cse=False)
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=in_axes, length=length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 def rotate_half(x):
   x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([-x2, x1], axis=-1)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from latent_mca.models.qwen2_5_vl.config import TextConfig
-from latent_mca.models.qwen2_5_vl.layers import RMSNorm, SwiGLU, apply_rotary, attention, dense
+from latent_mca.models.qwen2_5_vl.layers import (RMSNorm, SwiGLU, apply_rotary, attention, dense,
+                                                 stack_layers)
 
 Dtype = jnp.dtype
 
@@ -84,10 +85,8 @@ class TextDecoder(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     cos, sin = mrope_cos_sin(positions, cfg, self.dtype)
-    layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
-    layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                     length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    layers = stack_layers(DecoderLayer, cfg.num_hidden_layers, (0,) + (nn.broadcast,) * 4,
+                          self.remat)
     x, kv_cache = layers(cfg, name="layers", **kw)(x, kv_cache, cos, sin, mask, cache_index)
     x = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
     return x, kv_cache

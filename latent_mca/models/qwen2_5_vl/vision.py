@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from latent_mca.models.qwen2_5_vl.config import VisionConfig
-from latent_mca.models.qwen2_5_vl.layers import RMSNorm, SwiGLU, apply_rotary, attention, dense
+from latent_mca.models.qwen2_5_vl.layers import (RMSNorm, SwiGLU, apply_rotary, attention, dense,
+                                                 stack_layers)
 from latent_mca.models.qwen2_5_vl.positions import VisionLayout
 
 Dtype = jnp.dtype
@@ -96,10 +97,7 @@ class VisionTower(nn.Module):
     is_full = jnp.zeros((cfg.depth,), bool).at[jnp.array(cfg.fullatt_block_indexes,
                                                          jnp.int32)].set(True)
 
-    block = nn.remat(VisionBlock, prevent_cse=False) if self.remat else VisionBlock
-    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                     length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    blocks = stack_layers(VisionBlock, cfg.depth, (0,) + (nn.broadcast,) * 4, self.remat)
     x, _ = blocks(cfg, name="blocks", **kw)(x, is_full, cos, sin, window_mask, full_mask)
     merged = PatchMerger(cfg, name="merger", **kw)(x)
     inverse = jnp.zeros_like(layout.window_perm).at[layout.window_perm].set(
