@@ -85,10 +85,23 @@ def apply_rotary(x, cos, sin):
   return x * cos[..., None, :] + rotate_half(x) * sin[..., None, :]
 
 
-def attention(q, k, v, mask):
+# Large but finite: a fully masked row (a left-pad query) stays finite instead of NaN.
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def mask_to_bias(mask):
+  """bool mask (True = attend) -> additive fp32 attention bias (0 or MASKED).
+
+  An additive bias is constant w.r.t. the parameters, so the backward pass keeps
+  nothing for it; a boolean select would be saved per layer by the scan.
+  """
+  return jnp.where(mask, 0.0, MASKED).astype(jnp.float32)
+
+
+def attention(q, k, v, bias):
   """Softmax attention with GQA.
 
-  q [B, T, N, H], k/v [B, S, K, H] with N % K == 0; mask bool, broadcastable to
-  [B, N, T, S] (True = attend). Logits and softmax in fp32, as the reference.
+  q [B, T, N, H], k/v [B, S, K, H] with N % K == 0; bias fp32 from `mask_to_bias`,
+  broadcastable to [B, N, T, S]. Logits and softmax in fp32, as the reference.
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias)

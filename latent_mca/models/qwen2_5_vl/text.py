@@ -9,7 +9,7 @@ import numpy as np
 
 from latent_mca.models.qwen2_5_vl.config import TextConfig
 from latent_mca.models.qwen2_5_vl.layers import (RMSNorm, SwiGLU, apply_rotary, attention, dense,
-                                                 stack_layers)
+                                                 mask_to_bias, stack_layers)
 
 Dtype = jnp.dtype
 
@@ -33,7 +33,7 @@ class DecoderLayer(nn.Module):
   """Pre-norm GQA attention (q/k/v bias, no o bias) + SwiGLU.
 
   With a cache, the new keys/values are written at `cache_index` and the queries
-  attend over the whole cache (the mask hides empty and padded slots).
+  attend over the whole cache (the bias hides empty and padded slots).
   """
 
   config: TextConfig
@@ -41,7 +41,7 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype
 
   @nn.compact
-  def __call__(self, x, kv_cache, cos, sin, mask, cache_index):
+  def __call__(self, x, kv_cache, cos, sin, bias, cache_index):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t, _ = x.shape
@@ -59,7 +59,7 @@ class DecoderLayer(nn.Module):
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
       kv_cache = (k, v)
-    out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask).reshape(b, t, nh * hd)
+    out = attention(q, k.astype(self.dtype), v.astype(self.dtype), bias).reshape(b, t, nh * hd)
     x = x + dense(cfg.hidden_size, ("q_heads", "embed"), use_bias=False, name="o_proj", **kw)(out)
     h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
     x = x + SwiGLU(cfg.intermediate_size, use_bias=False, name="mlp", **kw)(h)
@@ -77,7 +77,7 @@ class TextDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, kv_cache=None, cache_index=0):
-    """x [B, T, D] embeddings; positions [3, B, T]; mask bool [B, 1, T, S].
+    """x [B, T, D] embeddings; positions [3, B, T]; mask bool [B, 1, T, S] (True = attend).
 
     kv_cache: None, or (k, v) each [layers, B, S, kv_heads, head_dim].
     Returns the final-normed hidden states [B, T, D] and the updated cache.
@@ -87,6 +87,6 @@ class TextDecoder(nn.Module):
     cos, sin = mrope_cos_sin(positions, cfg, self.dtype)
     layers = stack_layers(DecoderLayer, cfg.num_hidden_layers, (0,) + (nn.broadcast,) * 4,
                           self.remat)
-    x, kv_cache = layers(cfg, name="layers", **kw)(x, kv_cache, cos, sin, mask, cache_index)
+    x, kv_cache = layers(cfg, name="layers", **kw)(x, kv_cache, cos, sin, mask_to_bias(mask), cache_index)
     x = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
     return x, kv_cache

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from latent_mca.models.qwen2_5_vl.config import VisionConfig
 from latent_mca.models.qwen2_5_vl.layers import (RMSNorm, SwiGLU, apply_rotary, attention, dense,
-                                                 stack_layers)
+                                                 mask_to_bias, stack_layers)
 from latent_mca.models.qwen2_5_vl.positions import VisionLayout
 
 Dtype = jnp.dtype
@@ -22,7 +22,7 @@ class VisionBlock(nn.Module):
   param_dtype: Dtype
 
   @nn.compact
-  def __call__(self, x, is_full, cos, sin, window_mask, full_mask):
+  def __call__(self, x, is_full, cos, sin, window_bias, full_bias):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n, d = x.shape
@@ -33,8 +33,8 @@ class VisionBlock(nn.Module):
     # The reference applies the vision rotary in fp32.
     q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
     k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
-    mask = jnp.where(is_full, full_mask, window_mask)[None, None]  # [1, 1, N, N]
-    out = attention(q[None], k[None], v[None], mask)[0].reshape(n, d)
+    bias = jnp.where(is_full, full_bias, window_bias)[None, None]  # [1, 1, N, N]
+    out = attention(q[None], k[None], v[None], bias)[0].reshape(n, d)
     x = x + dense(d, ("vit_qkv", "vit_embed"), use_bias=True, name="proj", **kw)(out)
     h = RMSNorm(cfg.rms_norm_eps, "vit_embed", name="norm2", **kw)(x)
     x = x + SwiGLU(cfg.intermediate_size, use_bias=True, embed_axis="vit_embed",
@@ -92,13 +92,14 @@ class VisionTower(nn.Module):
     # Reorder merged tokens (groups of `unit` patches) so each window is contiguous.
     x = x.reshape(n // unit, unit, -1)[layout.window_perm].reshape(n, -1)
     cos, sin = vision_rotary(layout.rotary_hw, cfg.head_dim, cfg.rope_theta)
-    window_mask = layout.window_segment[:, None] == layout.window_segment[None, :]
-    full_mask = layout.frame_segment[:, None] == layout.frame_segment[None, :]
+    # Block-diagonal attention: within a window, or (full blocks) within a frame.
+    window_bias = mask_to_bias(layout.window_segment[:, None] == layout.window_segment[None, :])
+    full_bias = mask_to_bias(layout.frame_segment[:, None] == layout.frame_segment[None, :])
     is_full = jnp.zeros((cfg.depth,), bool).at[jnp.array(cfg.fullatt_block_indexes,
                                                          jnp.int32)].set(True)
 
     blocks = stack_layers(VisionBlock, cfg.depth, (0,) + (nn.broadcast,) * 4, self.remat)
-    x, _ = blocks(cfg, name="blocks", **kw)(x, is_full, cos, sin, window_mask, full_mask)
+    x, _ = blocks(cfg, name="blocks", **kw)(x, is_full, cos, sin, window_bias, full_bias)
     merged = PatchMerger(cfg, name="merger", **kw)(x)
     inverse = jnp.zeros_like(layout.window_perm).at[layout.window_perm].set(
         jnp.arange(layout.window_perm.shape[0], dtype=layout.window_perm.dtype))
