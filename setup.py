@@ -21,6 +21,11 @@ setup(
         "safetensors",
         "transformers>=4.57",  # tokenizers, config format; no torch needed
         "tqdm",
+        # Datasets as ArrayRecord files read without TensorFlow; tfds 4.9 imports
+        # importlib_resources without declaring it.
+        "tensorflow-datasets",
+        "array-record",
+        "importlib_resources",
     ],
     extras_require={
         # The PyTorch reference the parity tests and benchmarks compare against.
