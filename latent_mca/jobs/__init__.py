@@ -19,6 +19,7 @@ from latent_mca.config_schema import ConfigError
 
 JOBS: dict[str, str] = {
     "generate_demo": "latent_mca.jobs.generate_demo",
+    "pipeline": "latent_mca.jobs.pipeline",
 }
 
 

@@ -1,0 +1,113 @@
+"""The embedded default pipeline over the synthetic world, stage by stage.
+
+`config.stages` lists the stages to run, in order. Every stage writes under the
+workdir and is idempotent: a second run reuses what exists. Stages so far:
+
+  prepare_data: builds the synthetic tfds datasets (paired, text-only) under
+    workdir/data and trains the BPE tokenizer on their training text into
+    workdir/tokenizer.
+
+The training stages of the latent action model and RL are added here as they land.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from absl import logging
+
+import transformers
+from tqdm import tqdm
+
+from latent_mca.config_schema import ConfigError
+from latent_mca.data import synthetic
+from latent_mca.data.tokenizers import train_bpe_tokenizer
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults (and schema) of the pipeline; `prepare_data` takes about a minute on 2 cores."""
+  c = ml_collections.ConfigDict()
+  c.job = "pipeline"
+  c.stages = "prepare_data"  # comma-separated, run in order
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      image_size=56,  # pixels of the rendered scenes (224+ for real runs)
+      paired_train=2000, paired_test=200,
+      text_train=2000, text_test=200,
+  ))
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=2048))
+  return c
+
+
+def _datasets(config, data_dir: str) -> dict:
+  """The tfds builders of every synthetic dataset, by name."""
+  d = config.data
+
+  def cfg(sizes):
+    return synthetic.synthetic_config(config.seed, sizes, d.image_size)
+
+  return {
+      "paired": synthetic.SyntheticPaired(
+          config=cfg({"train": d.paired_train, "test": d.paired_test}), data_dir=data_dir),
+      "text_only": synthetic.SyntheticTextOnly(
+          config=cfg({"train": d.text_train, "test": d.text_test}), data_dir=data_dir),
+  }
+
+
+def _training_texts(sources: dict):
+  """Every text of the training splits the tokenizer should cover (prompts and answers too)."""
+  for name, source in sources.items():
+    if not name.endswith("/train"):
+      continue
+    for i in tqdm(range(len(source)), desc=f"tokenizer corpus {name}", leave=False):
+      example = source[i]
+      for key in ("text", "prompt", "answer"):
+        if key in example:
+          yield example[key].decode()
+
+
+def prepare_tokenizer(config, workdir: str, sources: dict) -> transformers.PreTrainedTokenizerBase:
+  """The BPE tokenizer in workdir/tokenizer: loaded if there, else trained on the train splits."""
+  folder = os.path.join(workdir, "tokenizer")
+  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    logging.info("reusing the tokenizer in %s", folder)
+    return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+  tokenizer = train_bpe_tokenizer(_training_texts(sources), vocab_size=config.tokenizer.vocab_size)
+  tmp = folder + ".tmp"  # written whole, then renamed: an interrupted run leaves no half folder
+  tokenizer.save_pretrained(tmp)
+  os.replace(tmp, folder)
+  return tokenizer
+
+
+def prepare_data(config, workdir: str) -> dict:
+  """Builds (or reuses) every dataset and the tokenizer; returns split sizes and vocab size."""
+  data_dir = os.path.join(workdir, "data")
+  sources = {}
+  for name, builder in _datasets(config, data_dir).items():
+    builder.download_and_prepare()
+    for split, source in builder.as_data_source().items():
+      sources[f"{name}/{split}"] = source
+  tokenizer = prepare_tokenizer(config, workdir, sources)
+  sizes = {name: len(source) for name, source in sources.items()}
+  with open(os.path.join(workdir, "data_summary.json"), "w") as f:
+    json.dump(dict(examples=sizes, tokenizer_size=len(tokenizer)), f, indent=2)
+  logging.info("datasets: %s; tokenizer: %d tokens", sizes, len(tokenizer))
+  return {**{f"examples/{k}": v for k, v in sizes.items()}, "tokenizer_size": len(tokenizer)}
+
+
+STAGES = {"prepare_data": prepare_data}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs `config.stages` in order; returns the metrics of all of them."""
+  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: {sorted(STAGES)}")
+  metrics = {}
+  for stage in stages:
+    logging.info("stage %s", stage)
+    metrics.update(STAGES[stage](config, workdir))
+  return metrics

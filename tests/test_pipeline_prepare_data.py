@@ -1,0 +1,59 @@
+"""The pipeline's prepare_data stage: datasets and tokenizer, built once and reused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from latent_mca import world
+from latent_mca.config_schema import ConfigError
+from latent_mca.data.tokenizers import QWEN2_5_VL_TOKEN_IDS
+from latent_mca.jobs import pipeline
+
+
+def _config(**data):
+  config = pipeline.default_config()
+  config.data.update(dict(paired_train=40, paired_test=8, text_train=40, text_test=8, **data))
+  config.tokenizer.vocab_size = 300
+  return config
+
+
+def _mtimes(folder):
+  return {os.path.join(root, f): os.stat(os.path.join(root, f)).st_mtime_ns
+          for root, _, files in os.walk(folder) for f in files}
+
+
+def test_prepare_data_builds_then_reuses(tmp_path):
+  workdir = str(tmp_path)
+  metrics = pipeline.run(_config(), workdir)
+  assert metrics["examples/paired/train"] == 40 and metrics["examples/text_only/test"] == 8
+  assert metrics["tokenizer_size"] == 300 + len(QWEN2_5_VL_TOKEN_IDS)
+  before = _mtimes(workdir)
+  assert pipeline.run(_config(), workdir) == metrics
+  after = _mtimes(workdir)
+  changed = [f for f in before if after[f] != before[f]]
+  assert changed == [os.path.join(workdir, "data_summary.json")], changed
+
+
+def test_prepared_examples_are_the_world_samples(tmp_path):
+  workdir = str(tmp_path)
+  pipeline.run(_config(), workdir)
+  builders = pipeline._datasets(_config(), os.path.join(workdir, "data"))
+  paired = builders["paired"].as_data_source()["test"]
+  first = builders["paired"]._indices("test")[0]  # splits draw disjoint index ranges
+  assert first not in builders["paired"]._indices("train")
+  sample = world.paired_sample(0, first, world.PairedConfig(image_size=56))
+  assert paired[0]["answer"].decode() == sample["answer"]
+  assert paired[0]["image"].shape == (56, 56, 3)
+
+
+def test_other_settings_build_elsewhere_and_unknown_stages_fail(tmp_path):
+  workdir = str(tmp_path)
+  pipeline.run(_config(), workdir)
+  pipeline.run(_config(image_size=84), workdir)
+  assert len(os.listdir(os.path.join(workdir, "data", "synthetic_paired"))) == 2
+  config = _config()
+  config.stages = "prepare_data,warmup_typo"
+  with pytest.raises(ConfigError, match="warmup_typo"):
+    pipeline.run(config, workdir)
