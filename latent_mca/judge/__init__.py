@@ -6,3 +6,10 @@ of the ground-truth response's scores (the reference's judge-score ratio).
 
 from latent_mca.judge.llm import (DIMENSIONS, JudgeError, LLMJudge, PairwiseScores,
                                   pairwise_prompt, parse_pair, score_ratio)
+from latent_mca.judge.programmatic import (PERSONALISED_DIMENSIONS, ROLEPLAY_DIMENSIONS, Claim,
+                                           claim_holds, dimensions_for, parse_claims,
+                                           read_question, reference_reply, score_response,
+                                           score_responses)
+from latent_mca.judge.programmatic import judge as programmatic_judge
+from latent_mca.judge.programmatic import reward as programmatic_reward
+from latent_mca.judge.programmatic import rewards as programmatic_rewards
