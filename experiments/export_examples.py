@@ -3,7 +3,8 @@ r"""Writes a few rendered scenes and one example of every synthetic task to a fo
   python -m experiments.export_examples --out docs/examples
 
 Each example is a JSON file (the example as the datasets hold it, with the scene's
-facts) and, where it has an image, a PNG of the same name.
+facts; dialogue examples also carry their split and the programmatic judge's scores of
+the reference reply) and, where it has an image, a PNG of the same name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 
 from absl import app, flags
 
-from latent_mca import world
+from latent_mca import tasks, world
+from latent_mca.judge import programmatic
 
 _OUT = flags.DEFINE_string("out", "docs/examples", "Output folder.")
 _SEED = flags.DEFINE_integer("seed", 0, "World seed.")
@@ -55,6 +57,17 @@ def main(argv):
            world.sample_image(sample))
   text = _first(lambda i: world.text_only_sample(seed, i), lambda s: s["coverage"] == "text_only")
   _write("text_only", {k: v for k, v in text.items() if k != "scene"})
+  for task, make in (("roleplay", tasks.roleplay_example),
+                     ("personalised", tasks.personalised_example)):
+    for distribution in ("in", "out"):
+      example = make(seed, 0, distribution)
+      facts = tasks.example_facts(example)
+      reference = (tasks.roleplay_reference(example) if task == "roleplay"
+                   else example["reference_reply"])
+      record = {"example": example, "split": tasks.split_of(example), "facts": facts,
+                "judge_scores_of_reference": programmatic.score_response(example, facts,
+                                                                         reference)}
+      _write(f"{task}_{distribution}", record, tasks.example_image(example, _SIZE.value))
   print("wrote examples to", _OUT.value)
 
 

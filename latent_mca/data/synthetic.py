@@ -1,4 +1,4 @@
-"""tfds datasets of the synthetic world: paired image-text samples and the text-only corpus.
+"""tfds datasets of the synthetic world: paired data, text-only corpus and the two dialogue tasks.
 
 Each dataset is a pure function of its `SyntheticConfig` (seed, sizes, image
 resolution); the config's name encodes all of them, so data built with other
@@ -14,8 +14,9 @@ import json
 
 import tensorflow_datasets as tfds
 
-from latent_mca import world
-from latent_mca.data.tfds_builders import ExamplesBuilder
+from latent_mca import tasks, world
+from latent_mca.data.tfds_builders import (ExamplesBuilder, personalised_features,
+                                           roleplay_features)
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,3 +102,44 @@ class SyntheticTextOnly(_SyntheticBuilder):
       yield {"id": f"text/{cfg.seed}/{i}", "text": s["text"], "kind": s["kind"],
              "style": s["style"] or "", "character": s["character"] or "",
              "topic": s["topic"] or "", "coverage": s["coverage"]}
+
+
+class _DialogueBuilder(_SyntheticBuilder):
+  """A dialogue task in its real benchmark's schema; split sizes are ("in", n), ("out", n).
+
+  In-distribution examples are divided into sft / rl / test_in by `tasks.split_of`;
+  the out-of-distribution ones form test_out. `image_path` holds the scene
+  ("scene:" + JSON, see `tasks.example_scene`) and `image` its rendering.
+  """
+
+  TASK = ""
+
+  @property
+  def SPLITS(self):  # noqa: N802
+    return tasks.SPLITS
+
+  def examples(self, split: str):
+    cfg = self.builder_config
+    sizes = dict(cfg.split_sizes)
+    for example in tasks.task_splits(cfg.seed, sizes["in"], sizes["out"])[self.TASK][split]:
+      yield {**example, "image": png_bytes(tasks.example_image(example, cfg.image_size))}
+
+
+class SyntheticRoleplay(_DialogueBuilder):
+  """MMRole-style role-play about synthetic scenes (in- and out-of-distribution characters)."""
+
+  name = "synthetic_roleplay"
+  TASK = "roleplay"
+
+  def features(self) -> dict:
+    return roleplay_features()
+
+
+class SyntheticPersonalised(_DialogueBuilder):
+  """PCogAlignBench-style personalised dialogue about synthetic scenes (HCMAS / HCSHR)."""
+
+  name = "synthetic_personalised"
+  TASK = "personalised"
+
+  def features(self) -> dict:
+    return personalised_features()

@@ -137,6 +137,35 @@ def _text_dict(keys: Iterable[str]) -> dict:
   return {key: tfds.features.Text() for key in keys}
 
 
+def roleplay_features() -> dict:
+  """Features of a role-play example (`real.read_mmrole`'s schema) plus its `image`."""
+  return {
+      "id": tfds.features.Text(),
+      "image": tfds.features.Image(),
+      "image_path": tfds.features.Text(),
+      "character": _text_dict(("name",) + real.MMROLE_KEYS["profile_fields"]),
+      "dialogue": tfds.features.Sequence(_text_dict(("role", "speaker", "text"))),
+      "distribution": tfds.features.Text(),
+      "dialogue_type": tfds.features.Text(),
+      "scene": _text_dict(real.MMROLE_KEYS["scene_fields"]),
+  }
+
+
+def personalised_features() -> dict:
+  """Features of a personalised example (`real.read_pcogalign`'s schema) plus its `image`."""
+  return {
+      "id": tfds.features.Text(),
+      "subset": tfds.features.Text(),
+      "individual": tfds.features.Text(),
+      "role_set": tfds.features.Sequence(_text_dict(("location", "role"))),
+      "situation": _text_dict(("location", "image_description", "eval_help")),
+      "image": tfds.features.Image(),
+      "image_path": tfds.features.Text(),
+      "query": tfds.features.Text(),
+      "reference_reply": tfds.features.Text(),
+  }
+
+
 class _ManualDirBuilder(ExamplesBuilder):
   """An `ExamplesBuilder` whose source is a local benchmark copy: the tfds manual dir."""
 
@@ -172,16 +201,7 @@ class MMRole(_ManualDirBuilder):
       "images/COCO/train2017/) as DownloadConfig(manual_dir=...).")
 
   def features(self) -> dict:
-    return {
-        "id": tfds.features.Text(),
-        "image": tfds.features.Image(),
-        "image_path": tfds.features.Text(),
-        "character": _text_dict(("name",) + real.MMROLE_KEYS["profile_fields"]),
-        "dialogue": tfds.features.Sequence(_text_dict(("role", "speaker", "text"))),
-        "distribution": tfds.features.Text(),
-        "dialogue_type": tfds.features.Text(),
-        "scene": _text_dict(real.MMROLE_KEYS["scene_fields"]),
-    }
+    return roleplay_features()
 
   def examples(self, split: str) -> Iterator[dict]:
     for example in real.read_mmrole(self._root, split, skip_bad=self._skip_bad):
@@ -205,17 +225,7 @@ class PCogAlignBench(_ManualDirBuilder):
       "DownloadConfig(manual_dir=...).")
 
   def features(self) -> dict:
-    return {
-        "id": tfds.features.Text(),
-        "subset": tfds.features.Text(),
-        "individual": tfds.features.Text(),
-        "role_set": tfds.features.Sequence(_text_dict(("location", "role"))),
-        "situation": _text_dict(("location", "image_description", "eval_help")),
-        "image": tfds.features.Image(),
-        "image_path": tfds.features.Text(),
-        "query": tfds.features.Text(),
-        "reference_reply": tfds.features.Text(),
-    }
+    return personalised_features()
 
   def _split_generators(self, dl_manager):
     generators = super()._split_generators(dl_manager)

@@ -3,9 +3,9 @@
 `config.stages` lists the stages to run, in order. Every stage writes under the
 workdir and is idempotent: a second run reuses what exists. Stages so far:
 
-  prepare_data: builds the synthetic tfds datasets (paired, text-only) under
-    workdir/data and trains the BPE tokenizer on their training text into
-    workdir/tokenizer.
+  prepare_data: builds the synthetic tfds datasets (paired, text-only,
+    role-play, personalised) under workdir/data and trains the BPE tokenizer on
+    their training text into workdir/tokenizer.
 
 The training stages of the latent action model and RL are added here as they land.
 """
@@ -36,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
       image_size=56,  # pixels of the rendered scenes (224+ for real runs)
       paired_train=2000, paired_test=200,
       text_train=2000, text_test=200,
+      dialogue_in=1000, dialogue_out=100,  # per task; in-distribution -> sft / rl / test_in
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=2048))
   return c
@@ -53,19 +54,36 @@ def _datasets(config, data_dir: str) -> dict:
           config=cfg({"train": d.paired_train, "test": d.paired_test}), data_dir=data_dir),
       "text_only": synthetic.SyntheticTextOnly(
           config=cfg({"train": d.text_train, "test": d.text_test}), data_dir=data_dir),
+      "roleplay": synthetic.SyntheticRoleplay(
+          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir),
+      "personalised": synthetic.SyntheticPersonalised(
+          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir),
   }
 
 
+_NOT_TEXT = ("id", "image_path")  # identifiers and serialised scenes, not language
+
+
+def _texts(value):
+  """Every string in a decoded example, nested ones too (dialogue turns, profiles)."""
+  if isinstance(value, bytes):
+    yield value.decode()
+  elif isinstance(value, dict):
+    for key, item in value.items():
+      if key not in _NOT_TEXT:
+        yield from _texts(item)
+  elif isinstance(value, (list, tuple)):
+    for item in value:
+      yield from _texts(item)
+
+
 def _training_texts(sources: dict):
-  """Every text of the training splits the tokenizer should cover (prompts and answers too)."""
+  """The text of every training split (paired/text-only "train", dialogue "sft" and "rl")."""
   for name, source in sources.items():
-    if not name.endswith("/train"):
+    if name.rsplit("/", 1)[1] not in ("train", "sft", "rl"):
       continue
     for i in tqdm(range(len(source)), desc=f"tokenizer corpus {name}", leave=False):
-      example = source[i]
-      for key in ("text", "prompt", "answer"):
-        if key in example:
-          yield example[key].decode()
+      yield from _texts(source[i])
 
 
 def prepare_tokenizer(config, workdir: str, sources: dict) -> transformers.PreTrainedTokenizerBase:
