@@ -3,9 +3,10 @@ r"""The embedded default pipeline on the synthetic world (stages grow as they la
   python -m experiments.run --config configs/demo.py --workdir workdirs/demo \
       --config.stages=prepare_data
 
-prepare_data renders 2,200 scenes and writes the paired and text-only datasets
-(ArrayRecord, under workdir/data) and the BPE tokenizer (workdir/tokenizer):
-about a minute on a 2-core CPU. A second run reuses everything.
+prepare_data renders the paired set (2,200 scenes), the text-only corpus (2,200 texts)
+and both dialogue tasks (1,100 examples each: sft / rl / test_in / test_out), written
+as ArrayRecord under workdir/data, and trains the BPE tokenizer (workdir/tokenizer):
+about 30 s on a 2-core CPU. A second run reuses everything.
 """
 
 from latent_mca.jobs import pipeline

@@ -27,7 +27,7 @@ from latent_mca.data.tokenizers import train_bpe_tokenizer
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Defaults (and schema) of the pipeline; `prepare_data` takes about a minute on 2 cores."""
+  """Defaults (and schema) of the pipeline; `prepare_data` takes about 30 s on 2 cores."""
   c = ml_collections.ConfigDict()
   c.job = "pipeline"
   c.stages = "prepare_data"  # comma-separated, run in order
