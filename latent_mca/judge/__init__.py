@@ -1,11 +1,13 @@
-"""Judges that score dialogue responses: an LLM judge over an OpenAI-compatible endpoint.
+"""Judges that score dialogue responses: the programmatic judge of the synthetic world
+(checks claims against the scene) and an LLM judge over an OpenAI-compatible endpoint.
 
 The reward of a response is the sum of its per-dimension scores divided by the sum
 of the ground-truth response's scores (the reference's judge-score ratio).
 """
 
-from latent_mca.judge.llm import (DIMENSIONS, JudgeError, LLMJudge, PairwiseScores,
-                                  pairwise_prompt, parse_pair, score_ratio)
+from latent_mca.judge.llm import (ASPECTS, DIMENSIONS, SYSTEM_PROMPT, JudgeError, LLMJudge,
+                                  PairwiseScores, RolePlayContext, pairwise_prompt, parse_pair,
+                                  score_ratio)
 from latent_mca.judge.programmatic import (PERSONALISED_DIMENSIONS, ROLEPLAY_DIMENSIONS, Claim,
                                            claim_holds, dimensions_for, parse_claims,
                                            read_question, reference_reply, score_response,

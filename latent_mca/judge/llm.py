@@ -1,9 +1,11 @@
 """LLM judge client for an OpenAI-compatible `/chat/completions` endpoint.
 
-Pairwise, per dimension, in the format the reference evaluation uses (the LLaVA-Bench /
-MMRole review prompt): the judge sees the context, the ground-truth answer as
-Assistant 1 and the candidate as Assistant 2, and replies with a first line holding two
-scores from 1 to 10. The reward is sum(candidate scores) / sum(ground-truth scores).
+Pairwise, per dimension, following the reference evaluation (MMRole's reward-model
+review, `eval/RM_review.py`): for each aspect the judge sees the question, the
+evaluated response as Model A and the ground truth as Model B, the role-play task
+instruction and the aspect's question, and ends its reply with
+`[Scores]: (score of A, score of B)` on a 1..10 scale. The reward is
+sum(candidate scores) / sum(ground-truth scores).
 """
 
 from __future__ import annotations
@@ -12,31 +14,83 @@ import base64
 import dataclasses
 import io
 import json
-import re
 import socket
 import time
 import urllib.error
 import urllib.request
 from typing import Callable, Sequence
 
-# The role-play dimensions of the reference evaluation, with what each asks for.
-DIMENSIONS: dict[str, str] = {
-    "instruction_adherence": "how well the response follows the instruction and the format "
-                             "asked for",
-    "fluency": "grammatical, natural and readable language",
-    "coherency": "consistency with the dialogue so far and within itself",
-    "image_text_relevance": "how closely the response relates to the image",
-    "accuracy": "correctness of what the response says about the image and the world",
-    "personality": "how well it shows the character's personality",
-    "knowledge": "use of the character's knowledge and experience",
-    "tone": "how well the tone and catchphrases match the character",
-}
+SYSTEM_PROMPT = ("You are an objective and precise evaluator, specializing in rigorously "
+                 "assessing the role-playing and multimodal understanding abilities of various "
+                 "models.")
 
-_PAIR = re.compile(r"^\s*\(?\s*(\d+(?:\.\d+)?)\s*[, ]\s*(\d+(?:\.\d+)?)\s*\)?\s*$")
+# Our dimension names -> (the reference's aspect name, its question). `{role}` is the
+# character, `{other}` whom it talks to ("the curious human" for a human user).
+ASPECTS: dict[str, tuple[str, str]] = {
+    "instruction_adherence": (
+        "Instruction Adherence",
+        "Do the responses accurately adhere to the task instruction, directly role-playing as "
+        "{role} and only including words that {role} should say, without any additional "
+        "explanatory prefixes or suffixes?"),
+    "fluency": ("Fluency", "Are the responses grammatically correct and smoothly articulated?"),
+    "coherency": (
+        "Coherency",
+        "Do the responses maintain a coherent thread of dialogue without contradicting earlier "
+        "parts of the conversation or previously established facts?"),
+    "image_text_relevance": (
+        "Image-Text Relevance", "Are the responses closely related to the visual content of the "
+        "image?"),
+    "accuracy": (
+        "Response Accuracy",
+        "Do the responses accurately answer {other}'s words or appropriately initiate a "
+        "conversation based on the image?"),
+    "personality": (
+        "Personality Consistency",
+        "Do the responses accurately and sufficiently reflect the personality of {role}?"),
+    "knowledge": (
+        "Knowledge Consistency",
+        "Are the responses consistent with the factual knowledge that {role} should possess, "
+        "including experiences, abilities, and relationships?"),
+    "tone": (
+        "Tone Consistency",
+        "Do the responses maintain a consistent tone that aligns with {role}'s typical manner "
+        "of speaking and catchphrases, rather than resembling the style of AI assistants?"),
+}
+DIMENSIONS: dict[str, str] = {name: aspect for name, (aspect, _) in ASPECTS.items()}
+
+HUMAN = "a curious human"
+FICTIONAL = "Hypothetical Characters"
 
 
 class JudgeError(RuntimeError):
   """The endpoint could not be reached or never gave a parsable answer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RolePlayContext:
+  """Who plays whom: `script` is the work the characters come from, or FICTIONAL."""
+
+  role: str
+  script: str = FICTIONAL
+  other_role: str = HUMAN
+
+  def _describe(self, name: str) -> str:
+    if name == HUMAN:
+      return name
+    if self.script == FICTIONAL:
+      return f"{name}, a person who is one of the Hypothetical Characters,"
+    return f"{name} from {self.script}"
+
+  @property
+  def task(self) -> str:
+    return (f"The task instruction of the two models is to directly role-play as "
+            f"{self._describe(self.role)} and talk with {self._describe(self.other_role)} "
+            f"about the given image using the distinctive tone, manner and vocabulary of "
+            f"{self.role}.")
+
+  @property
+  def other(self) -> str:
+    return "the curious human" if self.other_role == HUMAN else self.other_role
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,35 +113,50 @@ def score_ratio(candidate: dict[str, float], reference: dict[str, float]) -> flo
   return sum(candidate.values()) / total
 
 
-def pairwise_prompt(dimension: str, context: str, reference: str, candidate: str) -> str:
-  """The review prompt for one dimension (ground truth = Assistant 1, candidate = Assistant 2)."""
-  if dimension not in DIMENSIONS:
-    raise KeyError(f"unknown dimension {dimension!r}; known: {sorted(DIMENSIONS)}")
+def pairwise_prompt(dimension: str, context: RolePlayContext, question: str, candidate: str,
+                    reference: str) -> str:
+  """The review prompt for one dimension: the candidate is Model A, the ground truth Model B."""
+  if dimension not in ASPECTS:
+    raise KeyError(f"unknown dimension {dimension!r}; known: {sorted(ASPECTS)}")
+  aspect, ask = ASPECTS[dimension]
+  ask = ask.format(role=context.role, other=context.other)
   return (
-      f"[Context]\n{context}\n\n"
-      f"[The Start of Assistant 1's Answer]\n{reference}\n[The End of Assistant 1's Answer]\n\n"
-      f"[The Start of Assistant 2's Answer]\n{candidate}\n[The End of Assistant 2's Answer]\n\n"
-      "[System]\nWe would like to request your feedback on the performance of two AI "
-      "assistants in response to the context displayed above.\n"
-      f"Please rate their responses on {dimension.replace('_', ' ')}: "
-      f"{DIMENSIONS[dimension]}. Each assistant receives a score on a scale of 1 to 10, "
-      "where a higher score indicates better performance.\n"
-      "Please first output a single line containing only two values indicating the scores "
-      "for Assistant 1 and 2, respectively. The two scores are separated by a space. In the "
-      "subsequent line, please provide a comprehensive explanation of your evaluation, "
-      "avoiding any potential bias and ensuring that the order in which the responses were "
-      "presented does not affect your judgment.")
+      f"## **[Question Start]**\n\n{question}\n\n## **[Question End]**\n\n\n"
+      f"## **[Model A's Response Start]**\n\n{candidate}\n\n## **[Model A's Response End]**"
+      "\n\n\n"
+      f"## **[Model B's Response Start]**\n\n{reference}\n\n## **[Model B's Response End]**"
+      "\n\n\n"
+      "## **[Instruction]**\n\n"
+      f"{context.task}\n\n"
+      "Please evaluate the following aspect of each model's response:\n"
+      f"{aspect}: {ask}\n\n"
+      "Please provide a brief qualitative evaluation for the relative performance of the two "
+      "models, followed by paired quantitative scores from 1 to 10, where 1 indicates poor "
+      "performance and 10 indicates excellent performance.\n\n"
+      "The output should be in the following format:\n"
+      "{Qualitative Evaluation}, [Scores]: ({the score of Model A}, {the score of Model B})\n\n"
+      "Please ensure that your evaluations are unbiased and that the order in which the "
+      "responses were presented does not affect your judgment.")
 
 
 def parse_pair(reply: str) -> tuple[float, float]:
-  """The two scores on the first non-empty line of a judge reply; ValueError if malformed."""
-  lines = [line for line in reply.strip().splitlines() if line.strip()]
-  if not lines:
-    raise ValueError("empty judge reply")
-  match = _PAIR.match(lines[0])
-  if not match:
-    raise ValueError(f"first line of the judge reply is not two scores: {lines[0][:80]!r}")
-  a, b = float(match.group(1)), float(match.group(2))
+  """(score of Model A, score of Model B) from a review; ValueError naming what is wrong.
+
+  As the reference: the text after the single "[Scores]:" marker, its first line,
+  without parentheses, split on the comma; each part may carry a "label:" prefix.
+  """
+  parts = reply.split("[Scores]:")
+  if len(parts) != 2:
+    raise ValueError(f"expected one '[Scores]:' marker in the judge reply, found "
+                     f"{len(parts) - 1}: {reply[:80]!r}")
+  line = parts[1].strip().split("\n")[0].strip().replace("(", "").replace(")", "")
+  pair = line.split(",")
+  if len(pair) != 2:
+    raise ValueError(f"'[Scores]:' is not followed by two scores: {line[:80]!r}")
+  try:
+    a, b = (float(p.split(":")[-1].strip()) for p in pair)
+  except ValueError:
+    raise ValueError(f"scores are not numbers: {line[:80]!r}") from None
   if not (0 <= a <= 10 and 0 <= b <= 10):
     raise ValueError(f"judge scores out of range 0..10: {a}, {b}")
   return a, b
@@ -119,7 +188,7 @@ class LLMJudge:
   timeout_s: float = 60.0
   retries: int = 3
   backoff_s: float = 1.0
-  dimensions: Sequence[str] = tuple(DIMENSIONS)
+  dimensions: Sequence[str] = tuple(ASPECTS)
   sleep: Callable[[float], None] = time.sleep
 
   def _post(self, payload: dict) -> dict:
@@ -130,15 +199,18 @@ class LLMJudge:
     with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
       return json.loads(response.read())
 
-  def complete(self, prompt: str, image=None, parse: Callable[[str], object] = str):
-    """Sends one user message (plus an optional PIL image); returns parse(reply text).
+  def complete(self, prompt: str, image=None, parse: Callable[[str], object] = str,
+               system: str = SYSTEM_PROMPT):
+    """Sends a system and a user message (with an optional PIL image); returns parse(reply).
 
     Retries transient failures and replies that `parse` rejects (ValueError); raises
     JudgeError naming the last problem once the retries are spent.
     """
-    content = [{"type": "text", "text": prompt}] + ([_image_content(image)] if image else [])
+    # The image first, then the text, as the reference's reward model reads them.
+    content = ([_image_content(image)] if image else []) + [{"type": "text", "text": prompt}]
     payload = {"model": self.model, "temperature": 0.0,
-               "messages": [{"role": "user", "content": content}]}
+               "messages": [{"role": "system", "content": system},
+                            {"role": "user", "content": content}]}
     problem = ""
     for attempt in range(self.retries + 1):
       if attempt:
@@ -159,10 +231,11 @@ class LLMJudge:
         problem = f"unusable judge reply: {e}"
     raise JudgeError(f"judge failed after {attempt + 1} attempt(s): {problem}")
 
-  def score(self, context: str, reference: str, candidate: str, image=None) -> PairwiseScores:
-    """Pairwise scores of ground truth and candidate on every dimension."""
+  def score(self, context: RolePlayContext, question: str, candidate: str, reference: str,
+            image=None) -> PairwiseScores:
+    """Pairwise scores of candidate (Model A) and ground truth (Model B) on every dimension."""
     ref, cand = {}, {}
     for dim in self.dimensions:
-      ref[dim], cand[dim] = self.complete(pairwise_prompt(dim, context, reference, candidate),
-                                          image, parse=parse_pair)
+      prompt = pairwise_prompt(dim, context, question, candidate, reference)
+      cand[dim], ref[dim] = self.complete(prompt, image, parse=parse_pair)
     return PairwiseScores(reference=ref, candidate=cand)
