@@ -10,6 +10,7 @@ setup(
     packages=find_packages(include=["latent_mca", "latent_mca.*"]),
     install_requires=[
         "jax>=0.7",
+        "matplotlib",  # metric curves written to PNG
         "flax>=0.11",
         "optax",
         "orbax-checkpoint",

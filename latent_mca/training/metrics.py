@@ -1,0 +1,85 @@
+"""Metric records of a stage: `workdir/<stage>/metrics.jsonl`, and plots of them.
+
+One JSON object per line, one line per step that logged anything:
+{"step": 100, "loss": 0.52, "eval/accuracy": 0.9}. The file mirrors the history in
+the latest checkpoint plus the lines written since; `MetricsLog.reset` rewrites it
+from a restored history, so a resumed stage never repeats a step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+
+def scalars(metrics: Mapping, prefix: str = "") -> dict:
+  """`metrics` (device or host scalars) as JSON-ready Python numbers, names prefixed.
+
+  Raises:
+    ValueError: a metric that is not a scalar (named).
+  """
+  out = {}
+  for name, value in jax.device_get(dict(metrics)).items():
+    array = np.asarray(value)
+    if array.size != 1:
+      raise ValueError(f"metric {prefix}{name} must be a scalar, got shape {array.shape}")
+    out[f"{prefix}{name}"] = array.item()
+  return out
+
+
+class MetricsLog:
+  """Appends metric records to a JSON-lines file, one flushed line per record."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def reset(self, history: Sequence[Mapping]) -> None:
+    """Makes the file hold exactly `history`, replacing it whole (no torn or repeated lines)."""
+    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(record) + "\n" for record in history)
+    os.replace(tmp, self.path)
+
+  def append(self, record: Mapping) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl file, in order."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_jsonl: str, png_path: str, keys: Sequence[str]) -> None:
+  """Plots each of `keys` against step, one panel per key, into a PNG file.
+
+  Raises:
+    ValueError: a key that no record of the file holds.
+  """
+  # matplotlib only for plotting: training does not need it installed.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  records = read_metrics(metrics_jsonl)
+  missing = [k for k in keys if not any(k in r for r in records)]
+  if missing:
+    raise ValueError(f"{metrics_jsonl} has no metric {missing}")
+  fig = Figure(figsize=(5 * len(keys), 3.5))
+  FigureCanvasAgg(fig)  # an explicit Agg canvas: no pyplot, no global backend
+  for i, key in enumerate(keys):
+    ax = fig.add_subplot(1, len(keys), i + 1)
+    points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+    steps, values = zip(*points) if points else ((), ())
+    ax.plot(steps, values, marker="." if len(points) < 50 else None)
+    ax.set_title(key)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(png_path, format="png")
