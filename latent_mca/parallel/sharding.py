@@ -23,6 +23,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("codes", None),  # the 128 latent codes: small, replicated
     ("vit_length", None),
     ("vit_patch", None),
     ("vit_embed", "fsdp"),
