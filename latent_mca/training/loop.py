@@ -137,7 +137,8 @@ def train(stage_name: str,
           bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"},
                           refresh=False)
         if step % checkpoint_every == 0 or last:
-          checkpointer.save(step, state, loader_state=loader.state(), history=history,
+          # A copy: the save finishes in the background while later steps append.
+          checkpointer.save(step, state, loader_state=loader.state(), history=list(history),
                             num_steps=num_steps)
         bar.update(1)
 
