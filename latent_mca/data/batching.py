@@ -394,3 +394,34 @@ class DataLoader:
     if self._step == self.steps_per_epoch:
       self._epoch, self._step = self._epoch + 1, 0
     return batch
+
+
+class ZipLoader:
+  """Several loaders advanced together: each batch is {name: that loader's batch}.
+
+  For steps that read several datasets at once (e.g. half paired, half text-only data).
+  `state()` / `restore()` hold every loader's position, so the zip resumes exactly.
+  Iteration stops when any loader stops.
+  """
+
+  def __init__(self, loaders: Mapping[str, Any]):
+    if not loaders:
+      raise ValueError("ZipLoader needs at least one loader")
+    self._loaders = dict(loaders)
+
+  def __iter__(self) -> "ZipLoader":
+    return self
+
+  def __next__(self) -> dict:
+    return {name: next(loader) for name, loader in self._loaders.items()}
+
+  def state(self) -> dict:
+    return {name: loader.state() for name, loader in self._loaders.items()}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    """Restores every loader; raises ValueError if the names differ from this zip's."""
+    if set(state) != set(self._loaders):
+      raise ValueError(f"ZipLoader state is for loaders {sorted(state)}, this one has "
+                       f"{sorted(self._loaders)}")
+    for name, loader in self._loaders.items():
+      loader.restore(state[name])

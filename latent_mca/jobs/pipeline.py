@@ -28,9 +28,10 @@ import transformers
 from tqdm import tqdm
 
 from latent_mca.config_schema import ConfigError
-from latent_mca.data import synthetic
 from latent_mca.data.tokenizers import train_bpe_tokenizer
 from latent_mca.stages import backbone
+from latent_mca.stages import data as data_lib
+from latent_mca.stages import latent
 from latent_mca.training.state import optimizer_config
 
 
@@ -84,26 +85,16 @@ def default_config() -> ml_collections.ConfigDict:
       num_steps=200, batch_size=4, seq_len=256, optimizer=sft_optimizer,
       eval_every=50, eval_examples=64, checkpoint_every=100, log_every=25,
   ))
+  # The latent action model (SPEC section 2): its constants, then one config per stage
+  # (steps, batch, seq_len, optimizer with the parameters the stage trains, intervals).
+  # The SPEC gives no learning rates for these stages; these suit the tiny backbone.
+  c.latent = latent.latent_defaults()
+  c.inverse_warmup = latent.stage_defaults(300, 8, 128, 1e-3, "inverse_warmup", warmup_steps=20)
+  c.cycle_warmup = latent.stage_defaults(150, 8, 128, 1e-3, "cycle_warmup")
+  c.inverse_joint = latent.stage_defaults(200, 8, 128, 5e-4, "inverse_joint")
+  c.policy_bc = latent.stage_defaults(200, 8, 128, 1e-3, "policy_bc", warmup_steps=20)
+  c.latent_sft = latent.stage_defaults(200, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
   return c
-
-
-def _datasets(config, data_dir: str) -> dict:
-  """The tfds builders of every synthetic dataset, by name."""
-  d = config.data
-
-  def cfg(sizes):
-    return synthetic.synthetic_config(config.seed, sizes, d.image_size)
-
-  return {
-      "paired": synthetic.SyntheticPaired(
-          config=cfg({"train": d.paired_train, "test": d.paired_test}), data_dir=data_dir),
-      "text_only": synthetic.SyntheticTextOnly(
-          config=cfg({"train": d.text_train, "test": d.text_test}), data_dir=data_dir),
-      "roleplay": synthetic.SyntheticRoleplay(
-          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir),
-      "personalised": synthetic.SyntheticPersonalised(
-          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir),
-  }
 
 
 _NOT_TEXT = ("id", "image_path")  # identifiers and serialised scenes, not language
@@ -148,7 +139,7 @@ def prepare_data(config, workdir: str) -> dict:
   """Builds (or reuses) every dataset and the tokenizer; returns split sizes and vocab size."""
   data_dir = os.path.join(workdir, "data")
   sources = {}
-  for name, builder in _datasets(config, data_dir).items():
+  for name, builder in data_lib.datasets(config, data_dir).items():
     builder.download_and_prepare()
     for split, source in builder.as_data_source().items():
       sources[f"{name}/{split}"] = source
@@ -160,7 +151,8 @@ def prepare_data(config, workdir: str) -> dict:
   return {**{f"examples/{k}": v for k, v in sizes.items()}, "tokenizer_size": len(tokenizer)}
 
 
-STAGES = {"prepare_data": prepare_data, "pretrain": backbone.pretrain, "sft": backbone.sft}
+STAGES = {"prepare_data": prepare_data, "pretrain": backbone.pretrain, "sft": backbone.sft,
+          **latent.STAGES}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -11,6 +11,7 @@ trains (stage 1: inverse_dynamics, codebook, world_model; RL: policy).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -78,9 +79,14 @@ class LatentModules:
 
     Every module has "params" except the VQ codebook, whose state is "codebook_ema".
     """
+    return nn.meta.unbox(self._init_all(rng))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _init_all(self, rng) -> dict[str, dict]:
+    # One compiled program for all modules (compiling each init alone takes longer).
     fns = self.init_fns()
     rngs = jax.random.split(rng, len(fns))
-    return {name: nn.meta.unbox(fn(r)) for (name, fn), r in zip(fns.items(), rngs)}
+    return {name: fn(r) for (name, fn), r in zip(fns.items(), rngs)}
 
   def abstract(self) -> dict[str, dict]:
     """Shapes/dtypes of `init`'s variables, boxed with their logical axis names (for sharding)."""

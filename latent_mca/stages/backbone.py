@@ -190,7 +190,7 @@ class _TokenClock:
     return None if self.start is None else self.tokens / (time.perf_counter() - self.start)
 
 
-def _cached_json(path: str, compute: Callable[[], dict]) -> dict:
+def cached_json(path: str, compute: Callable[[], dict]) -> dict:
   """The dict in `path`, or compute() written there (so a rerun of a stage reuses it)."""
   if os.path.isfile(path):
     with open(path) as f:
@@ -225,7 +225,7 @@ def _run(config, workdir: str, stage: str, data: data_lib.StageData,
   eval_fn = make_eval_fn(model, eval_sets)
   tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
   state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
-  initial = _cached_json(os.path.join(stage_dir, "eval_initial.json"),
+  initial = cached_json(os.path.join(stage_dir, "eval_initial.json"),
                          lambda: metrics_lib.scalars(eval_fn(state)))
   clock = _TokenClock(data_lib.train_loader(data, seed=config.seed))
   state, history = loop.train(

@@ -37,6 +37,7 @@ import numpy as np
 import transformers
 
 from latent_mca import tasks
+from latent_mca.data import synthetic
 from latent_mca.data.batching import DataLoader, collate
 from latent_mca.data.image_processing import ImageProcessorConfig, smart_resize
 from latent_mca.data.processor import Processor
@@ -60,12 +61,50 @@ def load_tokenizer(config, workdir: str) -> transformers.PreTrainedTokenizerBase
     DataNotPreparedError: no checkpoint is configured and workdir/tokenizer does not exist.
   """
   if config.backbone.checkpoint:
-    return load_qwen_tokenizer(config.backbone.checkpoint)
-  folder = os.path.join(workdir, "tokenizer")
-  if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-    raise DataNotPreparedError(f"{folder} holds no tokenizer; run the prepare_data stage first, "
-                               "e.g. --config.stages=prepare_data,pretrain")
+    folder = config.backbone.checkpoint
+  else:
+    folder = os.path.join(workdir, "tokenizer")
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+      raise DataNotPreparedError(f"{folder} holds no tokenizer; run the prepare_data stage "
+                                 "first, e.g. --config.stages=prepare_data,pretrain")
+  return _cached_tokenizer(os.path.abspath(folder), _folder_stamp(folder),
+                           bool(config.backbone.checkpoint))
+
+
+def _folder_stamp(folder: str) -> tuple:
+  """(name, size, mtime) of a folder's files: a changed tokenizer is loaded again."""
+  if not os.path.isdir(folder):
+    return ()
+  return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                      for e in os.scandir(folder) if e.is_file()))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(folder: str, stamp: tuple, checkpoint: bool):
+  """Loading a tokenizer takes seconds and every stage needs it: one load per folder state."""
+  del stamp
+  if checkpoint:
+    return load_qwen_tokenizer(folder)
   return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def datasets(config, data_dir: str) -> dict:
+  """The tfds builders of every synthetic dataset of the pipeline, by name, under data_dir."""
+  d = config.data
+
+  def cfg(sizes):
+    return synthetic.synthetic_config(config.seed, sizes, d.image_size)
+
+  return {
+      "paired": synthetic.SyntheticPaired(
+          config=cfg({"train": d.paired_train, "test": d.paired_test}), data_dir=data_dir),
+      "text_only": synthetic.SyntheticTextOnly(
+          config=cfg({"train": d.text_train, "test": d.text_test}), data_dir=data_dir),
+      "roleplay": synthetic.SyntheticRoleplay(
+          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir),
+      "personalised": synthetic.SyntheticPersonalised(
+          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir),
+  }
 
 
 def load_sources(config, workdir: str, splits: Sequence[str]) -> dict[str, Any]:
@@ -74,9 +113,7 @@ def load_sources(config, workdir: str, splits: Sequence[str]) -> dict[str, Any]:
   Raises:
     DataNotPreparedError: a dataset has not been built in workdir/data.
   """
-  # Imported here, not at the top: the pipeline module imports the stages.
-  from latent_mca.jobs import pipeline
-  builders = pipeline._datasets(config, os.path.join(workdir, "data"))
+  builders = datasets(config, os.path.join(workdir, "data"))
   sources = {}
   for name in splits:
     dataset, split = name.split("/")
@@ -209,6 +246,36 @@ def sft_example(processor: Processor, task: str, example: Mapping,
                          max_length)
 
 
+def latent_paired_example(processor: Processor, dataset: str, example: Mapping,
+                          max_length: int) -> dict[str, dict[str, np.ndarray]]:
+  """A paired sample for the latent stages: {"image": with its image, "text": without it}.
+
+  All of its text is learned (the latent model labels every transition of the text).
+  The image block is the prefix of "image", and "text" is "image" without that prefix,
+  so after left padding to one length (`collate_views`) both hold the same text token
+  at every position where "text" has one: the alignment the projector losses need.
+  """
+  if dataset != "paired":
+    raise ValueError(f"latent paired examples read 'paired', not {dataset!r}")
+  segments = [(f"{VISION_START}{IMAGE_PAD}{VISION_END}", False),
+              (f"{example['prompt']}\n", True), (example["answer"] + ENDOFTEXT, True)]
+  image = encode_segments(processor, segments, [example["image"]], max_length)
+  vision_end = processor.tokenizer.convert_tokens_to_ids(VISION_END)
+  start = int(np.flatnonzero(image["input_ids"] == vision_end)[0]) + 1
+  text = {"input_ids": image["input_ids"][start:], "loss_mask": image["loss_mask"][start:]}
+  return {"image": image, "text": text}
+
+
+def collate_views(examples: Sequence[Mapping], image_collate: Callable,
+                  text_collate: Callable) -> dict[str, dict[str, np.ndarray]]:
+  """`latent_paired_example`s -> {"image": image_collate(...), "text": text_collate(...)}.
+
+  Both collates must pad on the left to the same length, so the views stay aligned.
+  """
+  return {"image": image_collate([e["image"] for e in examples]),
+          "text": text_collate([e["text"] for e in examples])}
+
+
 # ----------------------------------------------------------------------------- sources
 
 
@@ -297,10 +364,44 @@ def pretrain_data(config, workdir: str) -> StageData:
                      pretrain_example)
 
 
-def sft_data(config, workdir: str) -> StageData:
-  """SFT: the role-play and personalised sft splits mixed; evaluated on each task's test_in."""
-  return _stage_data(config, workdir, config.sft, [f"{t}/sft" for t in DIALOGUE_MESSAGES],
+def sft_data(config, workdir: str, stage=None) -> StageData:
+  """SFT: the role-play and personalised sft splits mixed; evaluated on each task's test_in.
+
+  `stage` is the stage config giving seq_len and batch_size (default config.sft).
+  """
+  return _stage_data(config, workdir, config.sft if stage is None else stage,
+                     [f"{t}/sft" for t in DIALOGUE_MESSAGES],
                      {t: (f"{t}/test_in",) for t in DIALOGUE_MESSAGES}, sft_example)
+
+
+def latent_data(config, workdir: str, seq_len: int, batch_size: int) -> dict[str, StageData]:
+  """The latent stages' data: {"paired": ..., "text_only": ...}, each a StageData.
+
+  "paired" holds `latent_paired_example`s, collated as {"image": batch, "text": batch}
+  (the same samples with and without their image, aligned token by token); "text_only"
+  the text-only corpus, every token learned. Each has batches of `batch_size` and is
+  evaluated on its own test split, under its own name; a stage zips the parts it
+  trains on (`ZipLoader`).
+  """
+  processor = Processor(load_tokenizer(config, workdir))
+  sources = load_sources(config, workdir, [f"{dataset}/{split}" for dataset in
+                                           ("paired", "text_only") for split in ("train", "test")])
+  image_collate = functools.partial(collate, pad_id=processor.pad_token_id, pad_to=seq_len,
+                                    pad_images_to=image_budget(config, batch_size))
+  text_collate = functools.partial(collate, pad_id=processor.pad_token_id, pad_to=seq_len)
+
+  def part(dataset, encode, collate_fn):
+    def encoded(split):
+      return EncodedSource([(sources[f"{dataset}/{split}"],
+                             functools.partial(encode, processor, dataset, max_length=seq_len))])
+    return StageData(processor=processor, train=encoded("train"),
+                     eval={dataset: encoded("test")}, collate_fn=collate_fn,
+                     batch_size=batch_size)
+
+  return {"paired": part("paired", latent_paired_example,
+                         functools.partial(collate_views, image_collate=image_collate,
+                                           text_collate=text_collate)),
+          "text_only": part("text_only", pretrain_example, text_collate)}
 
 
 def train_loader(data: StageData, seed: int) -> DataLoader:
@@ -319,7 +420,13 @@ def eval_batches(data: StageData, name: str, max_examples: int = 0) -> list[dict
   if n == 0:
     raise ValueError(f"eval set {name} is empty")
   examples = [source[i] for i in range(n)]
-  filler = dict(examples[0], loss_mask=np.zeros_like(examples[0]["loss_mask"]))
-  examples += [filler] * (-n % data.batch_size)
+  examples += [_unlearned(examples[0])] * (-n % data.batch_size)
   return [data.collate_fn(examples[i:i + data.batch_size])
           for i in range(0, len(examples), data.batch_size)]
+
+
+def _unlearned(example: Mapping) -> dict:
+  """A copy of an example (or of each view of one) with loss_mask all zero."""
+  if "loss_mask" in example:
+    return dict(example, loss_mask=np.zeros_like(example["loss_mask"]))
+  return {name: _unlearned(view) for name, view in example.items()}

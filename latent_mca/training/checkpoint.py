@@ -161,6 +161,22 @@ def load_params(stage_dir: str, abstract_params=None):
     CheckpointNotFoundError: the stage has no checkpoint, or its latest one is not
       its last step (the stage did not finish).
   """
+  return load_final(stage_dir, {"params": abstract_params})["params"]
+
+
+def load_final(stage_dir: str, fields: dict) -> dict:
+  """Fields of the TrainState in the final checkpoint of another stage (workdir/<stage>).
+
+  Args:
+    stage_dir: the folder of the stage that wrote them.
+    fields: {field name ("params", "extra", ...): restore target}, each target a
+      tree of jax.ShapeDtypeStructs, or None for the tree as saved (same device
+      topology only). An empty tree is returned as is.
+
+  Raises:
+    CheckpointNotFoundError: the stage has no checkpoint, or its latest one is not
+      its last step (the stage did not finish).
+  """
   stage, directory = stage_name(stage_dir), checkpoint_dir(stage_dir)
   if not os.path.isdir(directory):
     raise CheckpointNotFoundError(directory, stage, "the folder does not exist")
@@ -177,10 +193,13 @@ def load_params(stage_dir: str, abstract_params=None):
     if step != num_steps:
       raise CheckpointNotFoundError(
           directory, stage, f"its latest checkpoint is step {step} of {num_steps}, not final")
-    if abstract_params is None:
-      abstract_params = manager.item_metadata(step)[_STATE].tree["params"]
-    item = {"params": abstract_params}
+    empty = {name: tree for name, tree in fields.items()
+             if tree is not None and not jax.tree_util.tree_leaves(tree)}
+    item = {}
+    for name, tree in fields.items():
+      if name not in empty:
+        item[name] = manager.item_metadata(step)[_STATE].tree[name] if tree is None else tree
     restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)}))
-  return restored[_STATE]["params"]
+  return {**empty, **{name: restored[_STATE][name] for name in item}}

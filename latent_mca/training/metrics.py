@@ -57,29 +57,44 @@ def read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(metrics_jsonl: str, png_path: str, keys: Sequence[str]) -> None:
-  """Plots each of `keys` against step, one panel per key, into a PNG file.
+def plot_metrics(metrics_jsonl: str, png_path: str,
+                 panels: Sequence[str | Sequence[str]], columns: int = 4) -> None:
+  """Plots metrics against step into a PNG file, one panel per entry of `panels`.
+
+  An entry is a metric name, or a sequence of names drawn together in one panel with
+  a legend (e.g. a loss and its baselines). Panels fill rows of `columns`.
 
   Raises:
-    ValueError: a key that no record of the file holds.
+    ValueError: a metric that no record of the file holds.
   """
   # matplotlib only for plotting: training does not need it installed.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
   records = read_metrics(metrics_jsonl)
-  missing = [k for k in keys if not any(k in r for r in records)]
+  groups = [(p,) if isinstance(p, str) else tuple(p) for p in panels]
+  missing = [k for g in groups for k in g if not any(k in r for r in records)]
   if missing:
     raise ValueError(f"{metrics_jsonl} has no metric {missing}")
-  fig = Figure(figsize=(5 * len(keys), 3.5))
+  cols = min(columns, len(groups))
+  rows = -(-len(groups) // cols)
+  fig = Figure(figsize=(4.5 * cols, 3.3 * rows))
   FigureCanvasAgg(fig)  # an explicit Agg canvas: no pyplot, no global backend
-  for i, key in enumerate(keys):
-    ax = fig.add_subplot(1, len(keys), i + 1)
-    points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-    steps, values = zip(*points) if points else ((), ())
-    ax.plot(steps, values, marker="." if len(points) < 50 else None)
-    ax.set_title(key)
+  for i, group in enumerate(groups):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    for key in group:
+      points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+      steps, values = zip(*points) if points else ((), ())
+      ax.plot(steps, values, marker="." if len(points) < 50 else None, label=key)
+    ax.set_title(group[0] if len(group) == 1 else _common_prefix(group))
+    if len(group) > 1:
+      ax.legend(fontsize="small")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(png_path, format="png")
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+  prefix = os.path.commonprefix(list(names)).rstrip("_/")
+  return prefix or ", ".join(names)

@@ -111,23 +111,26 @@ def _is_param(x) -> bool:
   return isinstance(x, nn.meta.AxisMetadata)
 
 
-def trainable_labels(params, trainable: Sequence[str]):
+def trainable_labels(params, trainable: Sequence[str], frozen: Sequence[str] = ()):
   """The tree of params with each leaf replaced by TRAINABLE or FROZEN.
 
-  A parameter trains when one of the `trainable` regexes matches its whole path.
+  A parameter trains when one of the `trainable` regexes matches its whole path and
+  none of the `frozen` ones does (those may match nothing: e.g. a stage freezing what
+  an ablation leaves unused).
 
   Raises:
     ValueError: a regex that matches no parameter (most likely a typo that would
       silently freeze what it meant to train).
   """
   patterns = [re.compile(p) for p in trainable]
+  exclude = [re.compile(p) for p in frozen]
   used = set()
 
   def label(path, _):
     name = param_path(path)
     hits = [p.pattern for p in patterns if p.fullmatch(name)]
     used.update(hits)
-    return TRAINABLE if hits else FROZEN
+    return TRAINABLE if hits and not any(p.fullmatch(name) for p in exclude) else FROZEN
 
   labels = jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_param)
   unused = [p.pattern for p in patterns if p.pattern not in used]
@@ -139,19 +142,20 @@ def trainable_labels(params, trainable: Sequence[str]):
   return labels
 
 
-def trainable_paths(params, trainable: Sequence[str]) -> list[str]:
-  """The paths of the parameters that `trainable` selects, in tree order."""
-  flat = jax.tree_util.tree_flatten_with_path(trainable_labels(params, trainable))[0]
+def trainable_paths(params, trainable: Sequence[str], frozen: Sequence[str] = ()) -> list[str]:
+  """The paths of the parameters that `trainable` (less `frozen`) selects, in tree order."""
+  flat = jax.tree_util.tree_flatten_with_path(trainable_labels(params, trainable, frozen))[0]
   return [param_path(path) for path, label in flat if label == TRAINABLE]
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
+                   frozen: Sequence[str] = ()) -> optax.GradientTransformation:
   """AdamW with clipping and the configured schedule on `config.trainable`; zero updates elsewhere.
 
   Args:
     config: fields of `optimizer_config()`.
     num_steps: the stage's number of updates (the cosine schedule's horizon).
+    frozen: regexes of parameters to freeze even where `config.trainable` matches.
 
   Returns:
     A transformation whose state holds moments for the trainable parameters only.
@@ -164,4 +168,4 @@ def make_optimizer(config: ml_collections.ConfigDict,
   trainable = tuple(config.trainable)
   return optax.multi_transform(
       {TRAINABLE: optax.chain(*steps), FROZEN: optax.set_to_zero()},
-      lambda params: trainable_labels(params, trainable))
+      lambda params: trainable_labels(params, trainable, tuple(frozen)))
