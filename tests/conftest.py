@@ -81,3 +81,17 @@ def left_pad(rows: list[list[int]]):
 def random_pixels(grid_thw, seed=0):
   n = int(np.prod(np.asarray(grid_thw), axis=-1).sum())
   return np.random.RandomState(seed).randn(n, 1176).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+  """(config, workdir, metrics, seconds) of one run of every stage of the smoke config."""
+  import time
+
+  from latent_mca.jobs import pipeline
+
+  config = pipeline.smoke_config()
+  workdir = str(tmp_path_factory.mktemp("smoke"))
+  start = time.perf_counter()
+  metrics = pipeline.run(config, workdir)
+  return config, workdir, metrics, time.perf_counter() - start

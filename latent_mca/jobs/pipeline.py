@@ -89,11 +89,37 @@ def default_config() -> ml_collections.ConfigDict:
   # (steps, batch, seq_len, optimizer with the parameters the stage trains, intervals).
   # The SPEC gives no learning rates for these stages; these suit the tiny backbone.
   c.latent = latent.latent_defaults()
-  c.inverse_warmup = latent.stage_defaults(300, 8, 128, 1e-3, "inverse_warmup", warmup_steps=20)
-  c.cycle_warmup = latent.stage_defaults(150, 8, 128, 1e-3, "cycle_warmup")
-  c.inverse_joint = latent.stage_defaults(200, 8, 128, 5e-4, "inverse_joint")
-  c.policy_bc = latent.stage_defaults(200, 8, 128, 1e-3, "policy_bc", warmup_steps=20)
-  c.latent_sft = latent.stage_defaults(200, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
+  c.inverse_warmup = latent.stage_defaults(200, 8, 128, 1e-3, "inverse_warmup", warmup_steps=20)
+  c.cycle_warmup = latent.stage_defaults(200, 8, 128, 3e-3, "cycle_warmup")
+  c.inverse_joint = latent.stage_defaults(150, 8, 128, 5e-4, "inverse_joint")
+  c.policy_bc = latent.stage_defaults(150, 8, 128, 1e-3, "policy_bc", warmup_steps=20)
+  c.latent_sft = latent.stage_defaults(150, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
+  return c
+
+
+ALL_STAGES = "prepare_data,pretrain,sft," + ",".join(latent.ORDER)
+
+
+def smoke_config() -> ml_collections.ConfigDict:
+  """Every stage at tiny sizes (a world of 40 examples per split, a 2-layer backbone of
+  width 32, a few steps each): checks the whole graph, compiling most of the time."""
+  c = default_config()
+  c.stages = ALL_STAGES
+  c.data.update(dict(paired_train=40, paired_test=8, text_train=40, text_test=8,
+                     dialogue_in=40, dialogue_out=8))
+  c.tokenizer.vocab_size = 2000  # the small corpus gives fewer: dialogues fit sft's seq_len
+  c.backbone.text.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1,
+                              mrope_section=(2, 3, 3)))
+  c.backbone.vision.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                fullatt_block_indexes=(0,)))
+  c.latent.update(dict(num_codes=16, idm_layers=1, policy_layers=1))
+  stages = [("pretrain", 24, 64), ("sft", 12, 224)] + [
+      (stage, 6, 224 if stage == "latent_sft" else 64) for stage in latent.ORDER]
+  for stage, steps, seq_len in stages:
+    c[stage].update(dict(num_steps=steps, batch_size=4, seq_len=seq_len, eval_every=0,
+                         eval_examples=8, checkpoint_every=steps // 3, log_every=2))
+    c[stage].optimizer.update(dict(learning_rate=1e-2, warmup_steps=0))
   return c
 
 

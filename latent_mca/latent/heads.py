@@ -21,9 +21,9 @@ import jax.numpy as jnp
 
 from latent_mca.latent.config import LatentConfig
 from latent_mca.models.qwen2_5_vl.config import TextConfig
-from latent_mca.models.qwen2_5_vl.layers import RMSNorm, dense, mask_to_bias, stack_layers
+from latent_mca.models.qwen2_5_vl.layers import RMSNorm, dense
 from latent_mca.models.qwen2_5_vl.model import Qwen2_5_VL
-from latent_mca.models.qwen2_5_vl.text import DecoderLayer, mrope_cos_sin
+from latent_mca.models.qwen2_5_vl.text import decoder_stack
 
 
 def causal_mask(attention_mask_bs, num_queries: int, cache_index=0):
@@ -64,14 +64,11 @@ class DecoderHead(nn.Module):
   @nn.compact
   def __call__(self, h_btd, positions_3bt, mask_b1ts, kv_cache=None, cache_index=0):
     """Returns (out_btf, kv_cache); kv_cache as in `init_kv_cache`, or None."""
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    cos, sin = mrope_cos_sin(positions_3bt, cfg, self.dtype)
-    layers = stack_layers(DecoderLayer, self.num_layers, (0,) + (nn.broadcast,) * 4, self.remat)
-    x, kv_cache = layers(cfg, name="layers", **kw)(h_btd.astype(self.dtype), kv_cache, cos, sin,
-                                                  mask_to_bias(mask_b1ts), cache_index)
-    x = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
-    out_btf = dense(self.features, ("embed", self.out_axis), use_bias=True, name="head", **kw)(x)
+    x, kv_cache = decoder_stack(self.config, self.num_layers, h_btd.astype(self.dtype),
+                                positions_3bt, mask_b1ts, kv_cache, cache_index,
+                                dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+    out_btf = dense(self.features, ("embed", self.out_axis), use_bias=True, name="head",
+                    dtype=self.dtype, param_dtype=self.param_dtype)(x)
     return out_btf, kv_cache
 
 

@@ -67,6 +67,22 @@ class DecoderLayer(nn.Module):
     return x, kv_cache
 
 
+def decoder_stack(config: TextConfig, num_layers: int, x, positions, mask, kv_cache=None,
+                  cache_index=0, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                  remat: bool = False):
+  """num_layers scanned decoder layers, then RMSNorm: (hidden states [B, T, D], kv_cache).
+
+  Call it inside a compact method: it creates the calling module's "layers" and "norm"
+  (the backbone's decoder and the latent heads share it).
+  """
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  cos, sin = mrope_cos_sin(positions, config, dtype)
+  layers = stack_layers(DecoderLayer, num_layers, (0,) + (nn.broadcast,) * 4, remat)
+  x, kv_cache = layers(config, name="layers", **kw)(x, kv_cache, cos, sin, mask_to_bias(mask),
+                                                    cache_index)
+  return RMSNorm(config.rms_norm_eps, name="norm", **kw)(x), kv_cache
+
+
 class TextDecoder(nn.Module):
   """Stack of decoder layers (scanned: weights have a leading layer axis) and the final norm."""
 
@@ -82,11 +98,6 @@ class TextDecoder(nn.Module):
     kv_cache: None, or (k, v) each [layers, B, S, kv_heads, head_dim].
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    cos, sin = mrope_cos_sin(positions, cfg, self.dtype)
-    layers = stack_layers(DecoderLayer, cfg.num_hidden_layers, (0,) + (nn.broadcast,) * 4,
-                          self.remat)
-    x, kv_cache = layers(cfg, name="layers", **kw)(x, kv_cache, cos, sin, mask_to_bias(mask), cache_index)
-    x = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
-    return x, kv_cache
+    return decoder_stack(self.config, self.config.num_hidden_layers, x, positions, mask,
+                         kv_cache, cache_index, dtype=self.dtype, param_dtype=self.param_dtype,
+                         remat=self.remat)
