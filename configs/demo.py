@@ -17,4 +17,6 @@ from latent_mca.jobs import pipeline
 
 def get_config(arg=None):
   del arg
-  return pipeline.default_config()
+  config = pipeline.default_config()
+  config.stages = pipeline.ALL_STAGES
+  return config

@@ -11,9 +11,12 @@ workdir and is idempotent: a second run reuses what exists. Stages so far:
     metrics.jsonl, curves.png and an HF export in hf/.
   sft: token-level task SFT from pretrain's final params on the role-play and
     personalised sft split; the same outputs under workdir/sft/.
+  inverse_warmup, cycle_warmup, inverse_joint, policy_bc, latent_sft: the latent
+    action model's stages (SPEC section 2), from pretrain's backbone; see
+    `latent_mca.stages.latent` for what each trains and measures.
 
-Training stages resume from their last checkpoint when rerun. The latent action
-model's stages and RL are added here as they land.
+Training stages resume from their last checkpoint when rerun; a stage whose
+predecessor has not finished raises an error naming it. RL is added here as it lands.
 """
 
 from __future__ import annotations

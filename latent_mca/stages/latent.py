@@ -82,7 +82,7 @@ def stage_defaults(num_steps: int, batch_size: int, seq_len: int, learning_rate:
                         final_fraction=0.1, trainable=TRAINABLE[stage]))
   return ml_collections.ConfigDict(dict(
       num_steps=num_steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
-      eval_every=max(num_steps // 4, 1), eval_examples=64, checkpoint_every=max(num_steps // 2, 1),
+      eval_every=max(num_steps // 3, 1), eval_examples=64, checkpoint_every=max(num_steps // 2, 1),
       log_every=10))
 
 
