@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 
 import jax
 import numpy as np
@@ -67,7 +66,6 @@ def test_pretrain_rerun_reuses_its_final_checkpoint(smoke):
   assert "pretrain/tokens_per_s" not in again
   assert again == {k: v for k, v in metrics.items()
                    if k.startswith("pretrain/") and k != "pretrain/tokens_per_s"}
-  assert time.perf_counter() - start < 30
 
 
 def test_train_step_overfits_a_fixed_batch(smoke):

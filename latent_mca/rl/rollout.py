@@ -1,0 +1,256 @@
+"""Group rollouts in both action spaces, with KV caches and static shapes.
+
+Token space: the backbone samples each response token (temperature, top-k, top-p).
+Latent space: at each step the policy samples a code from its logits at the current
+token (top-k 32, temperature 1 by default), and the frozen world model decodes the
+next token greedily from (h_t, codebook[code]). The backbone and the policy keep KV
+caches; the world model is position-wise (no cache).
+
+Prompts arrive as B rows, left-padded to one length, each row with its own image slots
+(`pixel_values [B, P, 1176]`, `image_grid_thw [B, K, 3]`: one real image plus dummy
+fill, as `collate` pads one example; see `row_images`). Each prompt is repeated G times
+(rows [g * G, (g + 1) * G) are prompt g's group). Row r samples with the key
+fold_in(rng, r) for its global index r, so a result does not depend on how the rows
+are split over devices: `sharded_rollout` runs the same program under
+`jax.shard_map` over a mesh's data axis, each device taking whole groups.
+
+A `Rollout` records the response tokens, the sampled actions (codes, or the tokens
+themselves) and their log-probabilities under the sampler's temperature-scaled,
+unfiltered distribution, which is what the learner recomputes (`rl.step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from latent_mca.generation.decode import init_kv_cache
+from latent_mca.generation.sampling import filter_logits
+from latent_mca.latent.heads import init_kv_cache as head_kv_cache
+from latent_mca.latent.steps import BACKBONE, LatentSystem
+from latent_mca.models.qwen2_5_vl.positions import mrope_positions, text_positions
+
+TOKEN, LATENT = "token", "latent"
+
+
+@flax.struct.dataclass
+class Rollout:
+  """G samples of each prompt, rows grouped.
+
+  prompt_ids, prompt_mask [N, T] (the prompts, repeated); tokens [N, M] (response,
+  pad after the stop token); actions [N, M] (codes in latent space, else = tokens);
+  logp [N, M] (the sampler's log-prob of each action); mask [N, M] (1 on response
+  tokens up to and including the stop token); lengths [N].
+  """
+
+  prompt_ids: Any
+  prompt_mask: Any
+  tokens: Any
+  actions: Any
+  logp: Any
+  mask: Any
+  lengths: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How a rollout samples: group size, length, sampler settings, stop and pad tokens.
+
+  temperature / top_k / top_p apply to the acting distribution: tokens in token space,
+  codes in latent space (the world model then decodes greedily). Defaults: SPEC
+  section 2 (top-k 32, temperature 1 over codes).
+  """
+
+  group_size: int = 8
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 32
+  top_p: float = 1.0
+  stop_token_ids: tuple[int, ...] = ()
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    if self.group_size < 1 or self.max_new_tokens < 1:
+      raise ValueError(f"group_size={self.group_size} and max_new_tokens="
+                       f"{self.max_new_tokens} must be positive")
+    if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"bad sampling settings: temperature={self.temperature}, "
+                       f"top_k={self.top_k}, top_p={self.top_p}")
+
+
+def row_images(batch: dict, rows: int) -> dict:
+  """A collated batch's images regrouped per row: pixel_values [B, P, D], grid [B, K, 3].
+
+  Needs the batch to hold the same number of patches and images per row (collate each
+  example alone with the same pad_images_to, then stack).
+  """
+  pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+  if pixels.shape[0] % rows or grid.shape[0] % rows:
+    raise ValueError(f"{pixels.shape[0]} patches / {grid.shape[0]} images do not split "
+                     f"evenly over {rows} rows")
+  return dict(batch, pixel_values=pixels.reshape(rows, -1, pixels.shape[-1]),
+              image_grid_thw=grid.reshape(rows, -1, 3))
+
+
+def _repeat_prompts(prompts: dict, group_size: int):
+  """Rows repeated G times; per-row images flattened back into the model's layout."""
+  ids = jnp.repeat(prompts["input_ids"], group_size, axis=0)
+  mask = jnp.repeat(prompts["attention_mask"], group_size, axis=0)
+  pixels = grid = None
+  if "pixel_values" in prompts:
+    pixels = jnp.repeat(prompts["pixel_values"], group_size, axis=0)
+    grid = jnp.repeat(prompts["image_grid_thw"], group_size, axis=0)
+    pixels, grid = pixels.reshape(-1, pixels.shape[-1]), grid.reshape(-1, 3)
+  return ids, mask, pixels, grid
+
+
+def _sample(keys_b, logits_bv, sampling: SamplingConfig):
+  """Per-row sample from the filtered distribution, and its log-prob under the unfiltered one."""
+  filtered = filter_logits(logits_bv, sampling.temperature, sampling.top_k, sampling.top_p)
+  action = jax.vmap(jax.random.categorical)(keys_b, filtered).astype(jnp.int32)
+  log_p = jax.nn.log_softmax(logits_bv.astype(jnp.float32) / sampling.temperature, axis=-1)
+  return action, jnp.take_along_axis(log_p, action[:, None], axis=-1)[:, 0]
+
+
+def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: str,
+            sampling: SamplingConfig, row_offset=0) -> Rollout:
+  """G samples per prompt in `space` ("token" or "latent"); jit it with the static arguments.
+
+  Args:
+    system: the backbone and latent modules (latent space uses the policy, the
+      codebook and the world model; token space only the backbone).
+    params, extra: `LatentSystem` variables.
+    prompts: input_ids, attention_mask [B, T] (left-padded), and per-row images
+      pixel_values [B, P, D], image_grid_thw [B, K, 3] (`row_images`), or none.
+    rng: key; row r (global index row_offset + r) samples with fold_in(rng, r), then
+      fold_in(., step).
+    row_offset: the global index of this call's first row (under shard_map).
+  """
+  if space not in (TOKEN, LATENT):
+    raise ValueError(f"space must be {TOKEN!r} or {LATENT!r}, got {space!r}")
+  g, m = sampling.group_size, sampling.max_new_tokens
+  ids, mask, pixels, grid = _repeat_prompts(prompts, g)
+  n, t = ids.shape
+  model, cfg = system.backbone, system.backbone.config
+  backbone = {"params": params[BACKBONE]}
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(row_offset + jnp.arange(n))
+  positions, next_position = mrope_positions(ids, mask, grid, cfg)
+  cache_mask = jnp.zeros((n, t + m), jnp.int32).at[:, :t].set(mask)
+  out = model.apply(backbone, ids, attention_mask=mask, pixel_values=pixels,
+                    image_grid_thw=grid, position_ids=positions,
+                    kv_cache=init_kv_cache(cfg, n, t + m), cache_index=0, cache_mask=cache_mask,
+                    compute_logits=space == TOKEN)
+  stops = jnp.array(sampling.stop_token_ids or (-1,), jnp.int32)
+  policy_logits = policy_cache = None
+  if space == LATENT:
+    policy_cache = head_kv_cache(cfg.text, system.config.policy_layers, n, t + m, cfg.dtype)
+    policy_logits, policy_cache = system.modules.policy.apply(
+        {"params": params["policy"]}, out.hidden_states, positions, cache_mask, policy_cache, 0)
+
+  def act(i, logits_or_h, policy_logits, done):
+    """(token, action, logp) of step i from the backbone's logits / state at the last token."""
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys)
+    if space == TOKEN:
+      token, logp = _sample(keys, logits_or_h, sampling)
+      action = token
+    else:
+      action, logp = _sample(keys, policy_logits, sampling)
+      h = logits_or_h[:, None]
+      wm_logits = system.world_model_logits(params, h, system.code_embedding(
+          params, extra, action[:, None]))
+      token = jnp.argmax(wm_logits[:, 0], axis=-1).astype(jnp.int32)
+    live = ~done
+    token = jnp.where(live, token, sampling.pad_token_id)
+    return token, jnp.where(live, action, 0), jnp.where(live, logp, 0.0), live
+
+  def first_inputs(o, pol):
+    last = o.logits[:, -1] if space == TOKEN else o.hidden_states[:, -1]
+    return last, None if pol is None else pol[:, -1]
+
+  last, pol_last = first_inputs(out, policy_logits)
+  done = jnp.zeros((n,), bool)
+  token, action, logp, live = act(0, last, pol_last, done)
+  done = done | jnp.isin(token, stops)
+  record = lambda buf, i, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype),
+                                                         (0, i))
+  zeros_i = jnp.zeros((n, m), jnp.int32)
+  tokens = record(jnp.full((n, m), sampling.pad_token_id, jnp.int32), 0, token)
+  actions, logps = record(zeros_i, 0, action), record(jnp.zeros((n, m), jnp.float32), 0, logp)
+  masks = record(zeros_i, 0, live)
+
+  def cond(state):
+    i, *_, done, _, _, _ = state
+    return (i < m) & ~jnp.all(done)
+
+  def body(state):
+    i, tokens, actions, logps, masks, done, kv_cache, policy_cache, cache_mask = state
+    slot = t + i - 1  # the previous token's slot
+    cache_mask = jax.lax.dynamic_update_slice(cache_mask, jnp.ones((n, 1), jnp.int32), (0, slot))
+    step_positions = text_positions(next_position + i - 1, 1)
+    step = model.apply(backbone, jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1),
+                       position_ids=step_positions, kv_cache=kv_cache, cache_index=slot,
+                       cache_mask=cache_mask, compute_logits=space == TOKEN)
+    pol = None
+    if space == LATENT:
+      pol, policy_cache = system.modules.policy.apply(
+          {"params": params["policy"]}, step.hidden_states, step_positions, cache_mask,
+          policy_cache, slot)
+    last, pol_last = first_inputs(step, pol)
+    token, action, logp, live = act(i, last, pol_last, done)
+    done = done | jnp.isin(token, stops)
+    return (i + 1, record(tokens, i, token), record(actions, i, action), record(logps, i, logp),
+            record(masks, i, live), done, step.kv_cache, policy_cache, cache_mask)
+
+  state = (jnp.int32(1), tokens, actions, logps, masks, done, out.kv_cache, policy_cache,
+           cache_mask)
+  _, tokens, actions, logps, masks, *_ = jax.lax.while_loop(cond, body, state)
+  return Rollout(prompt_ids=ids, prompt_mask=mask, tokens=tokens, actions=actions, logp=logps,
+                 mask=masks, lengths=masks.sum(-1))
+
+
+def sharded_rollout(system: LatentSystem, mesh: Mesh, *, space: str, sampling: SamplingConfig,
+                    axis: str = "data"):
+  """`rollout` as one jitted program over `mesh`, groups split over its `axis`.
+
+  Returns fn(params, extra, prompts, rng) -> Rollout, rows in global order. Params
+  are replicated; each device takes B / devices whole prompts (B must divide). The
+  result equals the single-device `rollout` (per-row keys use global row indices).
+  """
+  devices = mesh.shape[axis]
+
+  def local(params, extra, prompts, rng):
+    rows = prompts["input_ids"].shape[0] * sampling.group_size
+    offset = jax.lax.axis_index(axis) * rows
+    return rollout(system, params, extra, prompts, rng, space=space, sampling=sampling,
+                   row_offset=offset)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P()),
+                          out_specs=P(axis), check_vma=False)
+
+  @jax.jit
+  def run(params, extra, prompts, rng):
+    b = prompts["input_ids"].shape[0]
+    if b % devices:
+      raise ValueError(f"{b} prompts do not split over {devices} devices of axis {axis!r}")
+    return sharded(params, extra, prompts, rng)
+
+  return run
+
+
+def jitted_rollout(system: LatentSystem, *, space: str, sampling: SamplingConfig):
+  """fn(params, extra, prompts, rng) -> Rollout on one device (the reference for sharding)."""
+  return jax.jit(functools.partial(rollout, system, space=space, sampling=sampling))
+
+
+def response_texts(rollout_: Rollout, decode) -> list[str]:
+  """Decodes each row's response tokens (up to its stop token, excluded) with `decode`."""
+  tokens = np.asarray(jax.device_get(rollout_.tokens))
+  mask = np.asarray(jax.device_get(rollout_.mask))
+  return [decode(row[m == 1].tolist(), skip_special_tokens=True) for row, m in zip(tokens, mask)]

@@ -1,0 +1,134 @@
+"""The learner side of RL: action log-probs of a rollout, and one pure `rl_step`.
+
+`learner_batch(prompts, rollout)` turns a rollout into the learner's batch: the
+prompt + response sequences (input_ids, attention_mask and the repeated images),
+the actions, the sampler's log-probs ("old_logp") and the response mask. The caller
+adds "advantages" [N] (`algorithms.compute_advantages` on the judge's rewards) and,
+when the algorithm has a KL term, "ref_logp" (`action_logprobs` under the frozen
+reference params).
+
+`rl_step(state, batch, rng, *, config) -> (state, metrics)` recomputes the actions'
+log-probs under `state.params`, applies the algorithm's loss, and updates what the
+optimizer trains: in latent space the policy (the backbone, codebook and world model
+stay bit-identical: their states are computed outside the gradient); in token space
+the backbone's top `top_layers` decoder layers, embeddings, final norm and LM head
+(lower layers get zero gradients; the optimizer's `trainable` patterns choose the
+rest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from latent_mca.latent.steps import BACKBONE, LatentSystem
+from latent_mca.models.qwen2_5_vl.model import Qwen2_5_VL
+from latent_mca.rl import algorithms as algos
+from latent_mca.rl.rollout import LATENT, TOKEN, Rollout
+from latent_mca.training.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStepConfig:
+  """Static settings of `rl_step` (hashable)."""
+
+  system: LatentSystem
+  algorithm: algos.AlgorithmConfig
+  space: str = LATENT
+  temperature: float = 1.0  # of the acting distribution, as the sampler's
+  top_layers: int = 0  # token space: decoder layers that train, counted from the top; 0 = all
+
+  def __post_init__(self):
+    if self.space not in (TOKEN, LATENT):
+      raise ValueError(f"space must be {TOKEN!r} or {LATENT!r}, got {self.space!r}")
+
+
+def learner_batch(prompts: dict, rollout: Rollout) -> dict:
+  """The learner's view of a rollout (see the module docstring); prompts as given to rollout."""
+  group = rollout.prompt_ids.shape[0] // prompts["input_ids"].shape[0]
+  batch = {
+      "input_ids": jnp.concatenate([rollout.prompt_ids, rollout.tokens], axis=1),
+      "attention_mask": jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1),
+      "actions": rollout.actions, "old_logp": rollout.logp, "mask": rollout.mask,
+  }
+  if "pixel_values" in prompts:
+    pixels = jnp.repeat(prompts["pixel_values"], group, axis=0)
+    grid = jnp.repeat(prompts["image_grid_thw"], group, axis=0)
+    batch["pixel_values"] = pixels.reshape(-1, pixels.shape[-1])
+    batch["image_grid_thw"] = grid.reshape(-1, 3)
+  return batch
+
+
+def action_logprobs(config: RLStepConfig, params, batch):
+  """(log-probs [N, M] of batch["actions"], entropies [N, M]) of the acting distribution.
+
+  Step j of the response is decided at position T - 1 + j (T = prompt length): by the
+  backbone's logits in token space, by the policy's code logits in latent space.
+  """
+  system = config.system
+  m = batch["actions"].shape[1]
+  t = batch["input_ids"].shape[1] - m
+  if config.space == LATENT:
+    states = system.backbone_states(jax.lax.stop_gradient(params[BACKBONE]), batch)
+    logits = system.policy_logits(params, states)[:, t - 1:t + m - 1]
+  else:
+    states = system.backbone_states(params[BACKBONE], batch)
+    h = states.h[:, t - 1:t + m - 1]
+    logits = system.backbone.apply({"params": params[BACKBONE]}, h, method=Qwen2_5_VL.logits)
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32) / config.temperature, axis=-1)
+  logp = jnp.take_along_axis(log_p, batch["actions"][..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+  return logp, entropy
+
+
+def _freeze_lower_layers(grads, top_layers: int):
+  """Zeroes the gradients of all but the top `top_layers` stacked decoder layers."""
+  if top_layers <= 0:
+    return grads
+  layers = grads[BACKBONE]["decoder"]["layers"]
+
+  def keep_top(g):
+    keep = jnp.arange(g.shape[0]) >= g.shape[0] - top_layers
+    return g * keep.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+
+  decoder = dict(grads[BACKBONE]["decoder"], layers=jax.tree.map(keep_top, layers))
+  return {**grads, BACKBONE: dict(grads[BACKBONE], decoder=decoder)}
+
+
+def rl_step(state: TrainState, batch: dict, rng, *, config: RLStepConfig):
+  """One policy-gradient update on a rollout's learner batch (plus "advantages", "ref_logp").
+
+  Metrics: loss, pg_loss, kl, clip_fraction, ratio_mean (the algorithm's), entropy
+  (mean over response tokens of the acting distribution's entropy), logp_mismatch
+  (mean |learner - sampler| log-prob of the actions: ~0 when the sampler and the
+  learner agree), response_length, grad_norm.
+  """
+  del rng
+  mask = batch["mask"].astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(mask), 1.0)
+
+  def loss_fn(params):
+    logp, entropy = action_logprobs(config, params, batch)
+    loss, metrics = algos.policy_loss(config.algorithm, logp, batch["old_logp"],
+                                      batch.get("ref_logp"), batch["advantages"], batch["mask"],
+                                      max_length=batch["actions"].shape[1])
+    metrics = dict(metrics, entropy=jnp.sum(entropy * mask) / tokens,
+                   logp_mismatch=jnp.sum(jnp.abs(logp - batch["old_logp"]) * mask) / tokens)
+    return loss, metrics
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if config.space == TOKEN:
+    grads = _freeze_lower_layers(grads, config.top_layers)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                 response_length=jnp.mean(jnp.sum(mask, axis=1)))
+  return state.apply_gradients(grads), metrics
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def reference_logprobs(config: RLStepConfig, ref_params, batch):
+  """The frozen reference's log-probs of the actions (for the KL term)."""
+  return action_logprobs(config, ref_params, batch)[0]
