@@ -12,6 +12,7 @@ from latent_mca import tasks, world
 from latent_mca.config_schema import ConfigError
 from latent_mca.data.tokenizers import QWEN2_5_VL_TOKEN_IDS
 from latent_mca.jobs import pipeline
+from latent_mca.stages import data as data_lib
 
 
 def _config(**data):
@@ -45,7 +46,7 @@ def test_prepare_data_builds_then_reuses(tmp_path):
 def test_prepared_examples_are_the_world_samples(tmp_path):
   workdir = str(tmp_path)
   pipeline.run(_config(), workdir)
-  builders = pipeline._datasets(_config(), os.path.join(workdir, "data"))
+  builders = data_lib.datasets(_config(), os.path.join(workdir, "data"))
   paired = builders["paired"].as_data_source()["test"]
   first = builders["paired"]._indices("test")[0]  # splits draw disjoint index ranges
   assert first not in builders["paired"]._indices("train")

@@ -6,13 +6,14 @@ token (top-k 32, temperature 1 by default), and the frozen world model decodes t
 next token greedily from (h_t, codebook[code]). The backbone and the policy keep KV
 caches; the world model is position-wise (no cache).
 
-Prompts arrive as B rows, left-padded to one length, each row with its own image slots
-(`pixel_values [B, P, 1176]`, `image_grid_thw [B, K, 3]`: one real image plus dummy
-fill, as `collate` pads one example; see `row_images`). Each prompt is repeated G times
-(rows [g * G, (g + 1) * G) are prompt g's group). Row r samples with the key
-fold_in(rng, r) for its global index r, so a result does not depend on how the rows
-are split over devices: `sharded_rollout` runs the same program under
-`jax.shard_map` over a mesh's data axis, each device taking whole groups.
+Prompts arrive as B rows, left-padded to one length, with their images packed per
+shard (`prompts.collate_prompts`: pixel_values [S, P, D], image_grid_thw [S, K, 3],
+shard s holding the real images of its B / S rows in order, then dummy fill). Each
+prompt is prefilled once; its caches are then repeated G times (rows [g * G,
+(g + 1) * G) are prompt g's group). Row r samples with the key fold_in(rng, r) for its
+global index r, so a result does not depend on how the rows are split over devices:
+`sharded_rollout` runs the same program under `jax.shard_map` over a mesh's data axis,
+each device taking whole groups and its own image pack.
 
 A `Rollout` records the response tokens, the sampled actions (codes, or the tokens
 themselves) and their log-probabilities under the sampler's temperature-scaled,
@@ -85,30 +86,16 @@ class SamplingConfig:
                        f"top_k={self.top_k}, top_p={self.top_p}")
 
 
-def row_images(batch: dict, rows: int) -> dict:
-  """A collated batch's images regrouped per row: pixel_values [B, P, D], grid [B, K, 3].
-
-  Needs the batch to hold the same number of patches and images per row (collate each
-  example alone with the same pad_images_to, then stack).
-  """
-  pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
-  if pixels.shape[0] % rows or grid.shape[0] % rows:
-    raise ValueError(f"{pixels.shape[0]} patches / {grid.shape[0]} images do not split "
-                     f"evenly over {rows} rows")
-  return dict(batch, pixel_values=pixels.reshape(rows, -1, pixels.shape[-1]),
-              image_grid_thw=grid.reshape(rows, -1, 3))
+def _flat_images(prompts: dict):
+  """This shard's image pack as the model takes it: ([N, D], [K, 3]), or (None, None)."""
+  if "pixel_values" not in prompts:
+    return None, None
+  pixels, grid = prompts["pixel_values"], prompts["image_grid_thw"]
+  return pixels.reshape(-1, pixels.shape[-1]), grid.reshape(-1, 3)
 
 
-def _repeat_prompts(prompts: dict, group_size: int):
-  """Rows repeated G times; per-row images flattened back into the model's layout."""
-  ids = jnp.repeat(prompts["input_ids"], group_size, axis=0)
-  mask = jnp.repeat(prompts["attention_mask"], group_size, axis=0)
-  pixels = grid = None
-  if "pixel_values" in prompts:
-    pixels = jnp.repeat(prompts["pixel_values"], group_size, axis=0)
-    grid = jnp.repeat(prompts["image_grid_thw"], group_size, axis=0)
-    pixels, grid = pixels.reshape(-1, pixels.shape[-1]), grid.reshape(-1, 3)
-  return ids, mask, pixels, grid
+def _repeat(tree, group_size: int, axis: int = 0):
+  return jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=axis), tree)
 
 
 def _sample(keys_b, logits_bv, sampling: SamplingConfig):
@@ -127,8 +114,9 @@ def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: s
     system: the backbone and latent modules (latent space uses the policy, the
       codebook and the world model; token space only the backbone).
     params, extra: `LatentSystem` variables.
-    prompts: input_ids, attention_mask [B, T] (left-padded), and per-row images
-      pixel_values [B, P, D], image_grid_thw [B, K, 3] (`row_images`), or none.
+    prompts: input_ids, attention_mask [B, T] (left-padded) and the image pack
+      pixel_values [S, P, D], image_grid_thw [S, K, 3] (`collate_prompts` with S = 1
+      here, or S = the devices of `sharded_rollout`), or no images.
     rng: key; row r (global index row_offset + r) samples with fold_in(rng, r), then
       fold_in(., step).
     row_offset: the global index of this call's first row (under shard_map).
@@ -136,23 +124,33 @@ def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: s
   if space not in (TOKEN, LATENT):
     raise ValueError(f"space must be {TOKEN!r} or {LATENT!r}, got {space!r}")
   g, m = sampling.group_size, sampling.max_new_tokens
-  ids, mask, pixels, grid = _repeat_prompts(prompts, g)
-  n, t = ids.shape
+  pixels, grid = _flat_images(prompts)
+  b, t = prompts["input_ids"].shape
   model, cfg = system.backbone, system.backbone.config
   backbone = {"params": params[BACKBONE]}
-  row_keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(row_offset + jnp.arange(n))
-  positions, next_position = mrope_positions(ids, mask, grid, cfg)
-  cache_mask = jnp.zeros((n, t + m), jnp.int32).at[:, :t].set(mask)
-  out = model.apply(backbone, ids, attention_mask=mask, pixel_values=pixels,
-                    image_grid_thw=grid, position_ids=positions,
-                    kv_cache=init_kv_cache(cfg, n, t + m), cache_index=0, cache_mask=cache_mask,
+  # Prefill each prompt once, then repeat its state for the G rows of its group.
+  positions, next_position = mrope_positions(prompts["input_ids"], prompts["attention_mask"],
+                                             grid, cfg)
+  cache_mask = jnp.zeros((b, t + m), jnp.int32).at[:, :t].set(prompts["attention_mask"])
+  out = model.apply(backbone, prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                    pixel_values=pixels, image_grid_thw=grid, position_ids=positions,
+                    kv_cache=init_kv_cache(cfg, b, t + m), cache_index=0, cache_mask=cache_mask,
                     compute_logits=space == TOKEN)
-  stops = jnp.array(sampling.stop_token_ids or (-1,), jnp.int32)
-  policy_logits = policy_cache = None
+  last = out.logits[:, -1] if space == TOKEN else out.hidden_states[:, -1]
+  policy_last = policy_cache = None
   if space == LATENT:
-    policy_cache = head_kv_cache(cfg.text, system.config.policy_layers, n, t + m, cfg.dtype)
+    policy_cache = head_kv_cache(cfg.text, system.config.policy_layers, b, t + m, cfg.dtype)
     policy_logits, policy_cache = system.modules.policy.apply(
         {"params": params["policy"]}, out.hidden_states, positions, cache_mask, policy_cache, 0)
+    policy_last = policy_logits[:, -1]
+    policy_cache = _repeat(policy_cache, g, axis=1)
+  kv_cache = _repeat(out.kv_cache, g, axis=1)
+  last, policy_last, next_position, cache_mask = _repeat(
+      (last, policy_last, next_position, cache_mask), g)
+  ids, mask = _repeat((prompts["input_ids"], prompts["attention_mask"]), g)
+  n = b * g
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(row_offset + jnp.arange(n))
+  stops = jnp.array(sampling.stop_token_ids or (-1,), jnp.int32)
 
   def act(i, logits_or_h, policy_logits, done):
     """(token, action, logp) of step i from the backbone's logits / state at the last token."""
@@ -170,13 +168,12 @@ def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: s
     token = jnp.where(live, token, sampling.pad_token_id)
     return token, jnp.where(live, action, 0), jnp.where(live, logp, 0.0), live
 
-  def first_inputs(o, pol):
+  def last_inputs(o, pol):
     last = o.logits[:, -1] if space == TOKEN else o.hidden_states[:, -1]
     return last, None if pol is None else pol[:, -1]
 
-  last, pol_last = first_inputs(out, policy_logits)
   done = jnp.zeros((n,), bool)
-  token, action, logp, live = act(0, last, pol_last, done)
+  token, action, logp, live = act(0, last, policy_last, done)
   done = done | jnp.isin(token, stops)
   record = lambda buf, i, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype),
                                                          (0, i))
@@ -202,14 +199,13 @@ def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: s
       pol, policy_cache = system.modules.policy.apply(
           {"params": params["policy"]}, step.hidden_states, step_positions, cache_mask,
           policy_cache, slot)
-    last, pol_last = first_inputs(step, pol)
+    last, pol_last = last_inputs(step, pol)
     token, action, logp, live = act(i, last, pol_last, done)
     done = done | jnp.isin(token, stops)
     return (i + 1, record(tokens, i, token), record(actions, i, action), record(logps, i, logp),
             record(masks, i, live), done, step.kv_cache, policy_cache, cache_mask)
 
-  state = (jnp.int32(1), tokens, actions, logps, masks, done, out.kv_cache, policy_cache,
-           cache_mask)
+  state = (jnp.int32(1), tokens, actions, logps, masks, done, kv_cache, policy_cache, cache_mask)
   _, tokens, actions, logps, masks, *_ = jax.lax.while_loop(cond, body, state)
   return Rollout(prompt_ids=ids, prompt_mask=mask, tokens=tokens, actions=actions, logp=logps,
                  mask=masks, lengths=masks.sum(-1))
@@ -239,6 +235,9 @@ def sharded_rollout(system: LatentSystem, mesh: Mesh, *, space: str, sampling: S
     b = prompts["input_ids"].shape[0]
     if b % devices:
       raise ValueError(f"{b} prompts do not split over {devices} devices of axis {axis!r}")
+    if "pixel_values" in prompts and prompts["pixel_values"].shape[0] != devices:
+      raise ValueError(f"the image pack has {prompts['pixel_values'].shape[0]} shards; collate "
+                       f"the prompts with shards={devices}")
     return sharded(params, extra, prompts, rng)
 
   return run

@@ -1,6 +1,6 @@
 """The learner side of RL: action log-probs of a rollout, and one pure `rl_step`.
 
-`learner_batch(prompts, rollout)` turns a rollout into the learner's batch: the
+`learner_batch(rollout, images)` turns a rollout into the learner's batch: the
 prompt + response sequences (input_ids, attention_mask and the repeated images),
 the actions, the sampler's log-probs ("old_logp") and the response mask. The caller
 adds "advantages" [N] (`algorithms.compute_advantages` on the judge's rewards) and,
@@ -47,20 +47,13 @@ class RLStepConfig:
       raise ValueError(f"space must be {TOKEN!r} or {LATENT!r}, got {self.space!r}")
 
 
-def learner_batch(prompts: dict, rollout: Rollout) -> dict:
-  """The learner's view of a rollout (see the module docstring); prompts as given to rollout."""
-  group = rollout.prompt_ids.shape[0] // prompts["input_ids"].shape[0]
-  batch = {
+def learner_batch(rollout: Rollout, images: dict) -> dict:
+  """The learner's view of a rollout; images = `prompts.repeated_images` of its prompts."""
+  return {
       "input_ids": jnp.concatenate([rollout.prompt_ids, rollout.tokens], axis=1),
       "attention_mask": jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1),
-      "actions": rollout.actions, "old_logp": rollout.logp, "mask": rollout.mask,
+      "actions": rollout.actions, "old_logp": rollout.logp, "mask": rollout.mask, **images,
   }
-  if "pixel_values" in prompts:
-    pixels = jnp.repeat(prompts["pixel_values"], group, axis=0)
-    grid = jnp.repeat(prompts["image_grid_thw"], group, axis=0)
-    batch["pixel_values"] = pixels.reshape(-1, pixels.shape[-1])
-    batch["image_grid_thw"] = grid.reshape(-1, 3)
-  return batch
 
 
 def action_logprobs(config: RLStepConfig, params, batch):

@@ -1,0 +1,138 @@
+"""Rollouts in both action spaces, the learner's log-probs, and what `rl_step` trains."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from latent_mca.rl import algorithms as algos
+from latent_mca.rl import prompts as prompts_lib
+from latent_mca.rl import rollout as ro
+from latent_mca.rl import step as step_lib
+from latent_mca.training import state as state_lib
+from tests.rl_fixtures import sampling, tiny_examples, tiny_prompts, tiny_system
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPACES = ("latent", "token")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return tiny_system()
+
+
+@functools.cache
+def _rollout(space: str, num_prompts: int = 2, **changes):
+  system, params, extra = tiny_system()
+  config = dataclasses.replace(sampling(), **changes)
+  out = ro.jitted_rollout(system, space=space, sampling=config)(
+      params, extra, tiny_prompts(num_prompts), jax.random.key(0))
+  images = prompts_lib.repeated_images(tiny_examples(num_prompts), config.group_size, 64)
+  return out, step_lib.learner_batch(out, images)
+
+
+def test_sharded_rollout_equals_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "tests.rl_sharding_check"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "OK latent" in proc.stdout and "OK token" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_learner_recomputes_the_sampler_logprobs(tiny, space):
+  system, params, _ = tiny
+  out, batch = _rollout(space)
+  config = step_lib.RLStepConfig(system, algos.get_algorithm("grpo"), space=space)
+  logp, entropy = jax.jit(functools.partial(step_lib.action_logprobs, config))(params, batch)
+  mask = np.asarray(out.mask)
+  assert mask.sum() > 0
+  np.testing.assert_allclose(np.asarray(logp) * mask, np.asarray(out.logp) * mask, atol=2e-5)
+  num_actions = 16 if space == "latent" else 512
+  assert np.all((np.asarray(entropy) >= 0) & (np.asarray(entropy) <= np.log(num_actions) + 1e-4))
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_groups_repeat_their_prompt_and_sample_different_responses(space):
+  out, _ = _rollout(space)
+  g = sampling().group_size
+  ids = np.asarray(out.prompt_ids)
+  for group in range(2):
+    rows = ids[group * g:(group + 1) * g]
+    assert (rows == rows[0]).all()
+  assert not (ids[0] == ids[g]).all()
+  actions = np.asarray(out.actions)
+  assert len({tuple(r) for r in actions[:g]}) > 1  # temperature 1: the samples differ
+  if space == "latent":
+    assert np.asarray(out.actions).max() < 16
+
+
+def test_a_row_stops_at_its_stop_token():
+  greedy, _ = _rollout("token", top_k=1)
+  stop = int(greedy.tokens[0, 3])
+  out, _ = _rollout("token", top_k=1, stop_token_ids=(stop,))
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  first = int(np.argmax(tokens[0] == stop))
+  assert first <= 3 and mask[0, :first + 1].all() and not mask[0, first + 1:].any()
+  assert (tokens[0, first + 1:] == 0).all()  # padded after the stop
+  assert int(out.lengths[0]) == first + 1
+
+
+def _update(tiny, space, trainable, top_layers=0, steps=2):
+  system, params, extra = tiny
+  out, batch = _rollout(space)
+  rewards = np.linspace(0.0, 1.0, out.tokens.shape[0])
+  algorithm = algos.get_algorithm("grpo")
+  batch = dict(batch, advantages=algos.compute_advantages(algorithm, rewards,
+                                                          sampling().group_size)[0])
+  config = step_lib.RLStepConfig(system, algorithm, space=space, top_layers=top_layers)
+  batch["ref_logp"] = step_lib.reference_logprobs(config, params, batch)
+  optimizer = state_lib.optimizer_config()
+  optimizer.update(dict(learning_rate=1e-3, schedule="constant", trainable=trainable))
+  state = state_lib.TrainState.create(params, state_lib.make_optimizer(optimizer, steps),
+                                      jax.random.key(0), extra)
+  step = jax.jit(functools.partial(step_lib.rl_step, config=config))
+  for i in range(steps):
+    state, metrics = step(state, batch, jax.random.key(i))
+  return params, state, metrics
+
+
+def _leaves(tree):
+  return {state_lib.param_path(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_latent_rl_moves_only_the_policy(tiny):
+  before, state, metrics = _update(tiny, "latent", ("policy/.*",))
+  a, b = _leaves(before), _leaves(state.params)
+  changed = {k for k in a if not np.array_equal(a[k], b[k])}
+  assert changed and all(k.startswith("policy/") for k in changed)
+  for k in a:  # world model, codebook, backbone, IDM, projectors: bit-identical
+    if not k.startswith("policy/"):
+      assert a[k].tobytes() == b[k].tobytes(), k
+  # The first step is on-policy: ratio 1, KL 0; the second moved away from both.
+  assert float(metrics["kl"]) > 0 and float(metrics["logp_mismatch"]) > 0
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_token_rl_trains_only_the_top_layers(tiny):
+  before, state, _ = _update(tiny, "token", (r"backbone/decoder/.*", r"backbone/embed_tokens/.*",
+                                              r"backbone/lm_head/.*"), top_layers=1)
+  a, b = _leaves(before), _leaves(state.params)
+  layers = [k for k in a if k.startswith("backbone/decoder/layers/")]
+  assert layers
+  for k in layers:  # stacked [2, ...]: layer 0 frozen, layer 1 (the top one) trains
+    assert np.array_equal(a[k][0], b[k][0]), k
+  assert any(not np.array_equal(a[k][1], b[k][1]) for k in layers)
+  assert not np.array_equal(a["backbone/lm_head/kernel"], b["backbone/lm_head/kernel"])
+  for k in a:
+    if k.startswith(("backbone/visual/", "policy/", "world_model/")):
+      assert a[k].tobytes() == b[k].tobytes(), k
