@@ -35,6 +35,7 @@ from latent_mca.data.tokenizers import train_bpe_tokenizer
 from latent_mca.stages import backbone
 from latent_mca.stages import data as data_lib
 from latent_mca.stages import latent
+from latent_mca.stages import rl
 from latent_mca.training.state import optimizer_config
 
 
@@ -97,6 +98,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.inverse_joint = latent.stage_defaults(150, 8, 128, 5e-4, "inverse_joint")
   c.policy_bc = latent.stage_defaults(150, 8, 128, 1e-3, "policy_bc", warmup_steps=20)
   c.latent_sft = latent.stage_defaults(150, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
+  # RL (SPEC sections 2-3): one algorithm in one action space per run of the "rl" stage.
+  c.rl = rl.rl_defaults()
   return c
 
 
@@ -117,6 +120,9 @@ def smoke_config() -> ml_collections.ConfigDict:
   c.backbone.vision.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                 fullatt_block_indexes=(0,)))
   c.latent.update(dict(num_codes=16, idm_layers=1, policy_layers=1))
+  c.rl.update(dict(num_steps=4, prompts_per_step=2, group_size=4, max_new_tokens=16,
+                   eval_every=0, eval_prompts=4, checkpoint_every=2, token_top_layers=1))
+  c.rl.optimizer.learning_rate = 1e-3
   stages = [("pretrain", 24, 64), ("sft", 12, 224)] + [
       (stage, 6, 224 if stage == "latent_sft" else 64) for stage in latent.ORDER]
   for stage, steps, seq_len in stages:
@@ -181,7 +187,7 @@ def prepare_data(config, workdir: str) -> dict:
 
 
 STAGES = {"prepare_data": prepare_data, "pretrain": backbone.pretrain, "sft": backbone.sft,
-          **latent.STAGES}
+          **latent.STAGES, "rl": rl.run}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -1,0 +1,289 @@
+"""The `rl` stage: GRPO / Dr.GRPO / DAPO / BNPO over latent codes or tokens (SPEC sections 2-3).
+
+  --config.stages=rl --config.rl.algorithm=grpo|dr_grpo|dapo|bnpo
+                     --config.rl.action_space=latent|token
+
+Latent space starts from `latent_sft`'s final variables and trains the policy only
+(the world model decodes, frozen); token space starts from `sft`'s backbone and trains
+its top `token_top_layers` decoder layers, embeddings, final norm and LM head. Each step:
+
+  1. prompts_per_step prompts of the dialogue tasks' rl split (DAPO with dynamic
+     sampling: dapo_oversample times as many, of which the first prompts_per_step groups
+     whose rewards are not all equal train), each sampled group_size times in one
+     jitted program sharded over the devices' data axis (`rl.rollout`);
+  2. rewards from the programmatic judge (`judge.programmatic.rewards`: the response's
+     scores over the reference reply's), DAPO's overlong shaping when on;
+  3. advantages and one `rl_step` (with the k3 KL against the starting policy when the
+     algorithm has one).
+
+Under workdir/rl_<space>_<algorithm>/: checkpoints (state, prompt position, history:
+a killed run resumes to the same bits), metrics.jsonl (every health metric each
+logged step; eval/reward on a fixed set of rl-split prompts every eval_every steps),
+eval_initial.json (that reward before the first update) and curves.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from latent_mca import tasks
+from latent_mca.data.batching import DataLoader
+from latent_mca.data.processor import Processor
+from latent_mca.judge import programmatic
+from latent_mca.latent import steps as steps_lib
+from latent_mca.models import qwen2_5_vl
+from latent_mca.rl import algorithms as algos
+from latent_mca.rl import prompts as prompts_lib
+from latent_mca.rl import rollout as rollout_lib
+from latent_mca.rl import step as step_lib
+from latent_mca.stages import backbone as backbone_lib
+from latent_mca.stages import data as data_lib
+from latent_mca.stages import latent as latent_lib
+from latent_mca.training import checkpoint, metrics as metrics_lib, state as state_lib
+
+TASKS = tuple(data_lib.DIALOGUE_MESSAGES)
+TRAINABLE = {
+    rollout_lib.LATENT: (r"policy/.*",),
+    rollout_lib.TOKEN: (r"backbone/(decoder|embed_tokens|lm_head)/.*",),
+}
+
+
+def rl_defaults() -> ml_collections.ConfigDict:
+  """`config.rl`: the reference's settings (SPEC section 2) unless noted."""
+  optimizer = state_lib.optimizer_config()
+  optimizer.update(dict(learning_rate=1e-6, schedule="constant", trainable=("",)))
+  return ml_collections.ConfigDict(dict(
+      algorithm="grpo", action_space="latent",
+      num_steps=100, prompts_per_step=4, group_size=8, max_new_tokens=64,
+      prompt_length=256,  # tokens of a rendered prompt (image included), left-padded
+      temperature=1.0, latent_top_k=32, token_top_k=0, token_top_p=1.0,
+      kl_beta=-1.0,  # -1: the algorithm's default (0.01; DAPO 0)
+      token_top_layers=2,  # token space: decoder layers that train, from the top
+      dapo_oversample=2,  # DAPO dynamic sampling: candidate groups per trained group
+      optimizer=optimizer,  # trainable "" = the action space's default (TRAINABLE)
+      eval_every=10, eval_prompts=16, checkpoint_every=10, log_every=1,
+  ))
+
+
+def stage_name(config) -> str:
+  return f"rl_{config.rl.action_space}_{config.rl.algorithm}"
+
+
+def _algorithm(config) -> algos.AlgorithmConfig:
+  overrides = {} if config.rl.kl_beta < 0 else {"kl_beta": config.rl.kl_beta}
+  return algos.get_algorithm(config.rl.algorithm, **overrides)
+
+
+def _sampling(config, model_cfg, space: str, group_size: int) -> rollout_lib.SamplingConfig:
+  r = config.rl
+  latent = space == rollout_lib.LATENT
+  return rollout_lib.SamplingConfig(
+      group_size=group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+      top_k=r.latent_top_k if latent else r.token_top_k, top_p=1.0 if latent else r.token_top_p,
+      stop_token_ids=tuple(model_cfg.eos_token_id), pad_token_id=model_cfg.pad_token_id or 0)
+
+
+class _Prompts:
+  """Decoded rl-split examples with their encoded prompts: [(task, example, prompt)]."""
+
+  def __init__(self, config, workdir: str, processor: Processor, split: str = "rl"):
+    names = [f"{task}/{split}" for task in TASKS]
+    sources = data_lib.load_sources(config, workdir, names)
+    self._parts = [(task, sources[f"{task}/{split}"]) for task in TASKS]
+    self._ends = np.cumsum([len(s) for _, s in self._parts])
+    self._processor, self._length = processor, config.rl.prompt_length
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  def __getitem__(self, index: int):
+    part = int(np.searchsorted(self._ends, index, side="right"))
+    task, source = self._parts[part]
+    example = data_lib.decode_example(source[index - (int(self._ends[part - 1]) if part else 0)])
+    prompt = prompts_lib.prompt_example(self._processor, task, example, self._length)
+    return task, example, prompt
+
+
+def _rewards(items, texts: list[str], group_size: int) -> np.ndarray:
+  out = []
+  for i, (_, example, _) in enumerate(items):
+    group = texts[i * group_size:(i + 1) * group_size]
+    out += programmatic.rewards(example, tasks.example_facts(example), group)
+  return np.asarray(out, np.float32)
+
+
+class RLRunner:
+  """Everything one RL run needs, built once: models, start variables, jitted programs."""
+
+  def __init__(self, config, workdir: str):
+    r = config.rl
+    self.config, self.workdir = config, workdir
+    self.space = r.action_space
+    if self.space not in (rollout_lib.LATENT, rollout_lib.TOKEN):
+      raise ValueError(f"rl.action_space={self.space!r} must be 'latent' or 'token'")
+    self.algorithm = _algorithm(config)
+    self.processor = Processor(data_lib.load_tokenizer(config, workdir))
+    model_cfg = backbone_lib.model_config(config, self.processor)
+    self.system = steps_lib.LatentSystem.build(model_cfg, latent_lib.latent_config(config))
+    self.params, self.extra = self._start_variables(model_cfg)
+    self.devices = jax.device_count()
+    if r.prompts_per_step % self.devices:
+      raise ValueError(f"rl.prompts_per_step={r.prompts_per_step} must be a multiple of the "
+                       f"{self.devices} devices")
+    self.patches = data_lib.image_budget(config, 1)[0] - 4  # one image's patches
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    self.pool = r.prompts_per_step * (r.dapo_oversample if self.algorithm.dynamic_sampling
+                                      else 1)
+    self.rollout = rollout_lib.sharded_rollout(
+        self.system, mesh, space=self.space,
+        sampling=_sampling(config, model_cfg, self.space, r.group_size))
+    self.step_config = step_lib.RLStepConfig(
+        self.system, self.algorithm, space=self.space, temperature=r.temperature,
+        top_layers=r.token_top_layers if self.space == rollout_lib.TOKEN else 0)
+    self.step = jax.jit(functools.partial(step_lib.rl_step, config=self.step_config),
+                        donate_argnums=0)
+
+  def _start_variables(self, model_cfg):
+    """The final variables of latent_sft (latent space) or sft's backbone (token space)."""
+    abstract_backbone = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
+    if self.space == rollout_lib.TOKEN:
+      backbone = checkpoint.load_params(os.path.join(self.workdir, backbone_lib.SFT),
+                                        abstract_backbone)
+      # Token space needs no latent module; fresh ones keep the variables' structure.
+      return self.system.init(backbone, jax.random.key(0))
+    params, extra = self.system.abstract(abstract_backbone)
+    loaded = checkpoint.load_final(os.path.join(self.workdir, "latent_sft"),
+                                   {"params": params, "extra": extra})
+    return loaded["params"], loaded["extra"]
+
+  def sample(self, params, items, rng):
+    """(rollout, texts, raw rewards) of the items' prompts, G samples each."""
+    prompts = prompts_lib.collate_prompts([p for _, _, p in items], self.processor.pad_token_id,
+                                          self.config.rl.prompt_length, self.patches,
+                                          shards=self.devices)
+    out = self.rollout(params, self.extra, prompts, rng)
+    texts = rollout_lib.response_texts(out, self.processor.tokenizer.decode)
+    return out, texts, _rewards(items, texts, self.config.rl.group_size)
+
+  def train_step(self, state, items, rng):
+    """One RL update from a pool of prompt items; returns (state, metrics)."""
+    r = self.config.rl
+    g = r.group_size
+    rollout_rng, step_rng = jax.random.split(rng)
+    out, _, raw = self.sample(state.params, items, rollout_rng)
+    rewards = algos.shape_rewards(self.algorithm, jnp.asarray(raw), out.lengths,
+                                  max_length=r.max_new_tokens)
+    metrics = {}
+    if self.algorithm.dynamic_sampling:
+      groups, valid = algos.select_groups_with_signal(rewards, g, r.prompts_per_step,
+                                                      atol=self.algorithm.signal_atol)
+      groups, valid = np.asarray(groups), np.asarray(valid)
+      rows = np.asarray(algos.group_row_indices(groups, g))
+      out = jax.tree.map(lambda x: x[rows], out)
+      out = out.replace(mask=out.mask * np.repeat(valid, g)[:, None])
+      rewards, items = rewards[rows], [items[i] for i in groups]
+      metrics["groups_dropped"] = 1.0 - float(np.mean(np.asarray(
+          algos.groups_with_signal(jnp.asarray(raw), g, atol=self.algorithm.signal_atol))))
+    advantages, adv_metrics = algos.compute_advantages(self.algorithm, rewards, g)
+    batch = step_lib.learner_batch(out, prompts_lib.repeated_images(
+        [p for _, _, p in items], g, self.patches))
+    batch["advantages"] = advantages
+    if self.algorithm.kl_beta > 0:
+      batch["ref_logp"] = step_lib.reference_logprobs(self.step_config, self.params, batch)
+    state, step_metrics = self.step(state, batch, step_rng)
+    metrics.update(step_metrics, **adv_metrics, reward_raw_mean=float(np.mean(raw)))
+    return state, metrics
+
+  def evaluate(self, params, items, seed: int) -> dict:
+    """Mean judge reward (and its spread over prompts) of G samples per fixed prompt."""
+    rewards = []
+    chunk = self.pool  # the training rollout's shape: no extra compile
+    if len(items) < chunk:
+      raise ValueError(f"rl.eval_prompts={len(items)} must be at least the {chunk} prompts "
+                       "of a training rollout")
+    for i in range(0, len(items) - len(items) % chunk, chunk):
+      _, _, raw = self.sample(params, items[i:i + chunk], jax.random.fold_in(
+          jax.random.key(seed), i))
+      rewards.append(raw.reshape(-1, self.config.rl.group_size))
+    per_prompt = np.concatenate(rewards).mean(axis=1)
+    return {"reward": float(per_prompt.mean()), "reward_prompt_std": float(per_prompt.std())}
+
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) the configured RL run; returns its final metrics, prefixed by its name."""
+  r = config.rl
+  name = stage_name(config)
+  stage_dir = os.path.join(workdir, name)
+  os.makedirs(stage_dir, exist_ok=True)
+  runner = RLRunner(config, workdir)
+  trainable = tuple(t for t in r.optimizer.trainable if t) or TRAINABLE[runner.space]
+  optimizer = r.optimizer.copy_and_resolve_references()
+  optimizer.trainable = trainable
+  tx = state_lib.make_optimizer(optimizer, r.num_steps)
+  state = state_lib.TrainState.create(runner.params, tx, jax.random.key(config.seed),
+                                      runner.extra)
+  source = _Prompts(config, workdir, runner.processor)
+  loader = DataLoader(source, runner.pool, collate_fn=list, seed=config.seed)
+  eval_items = [source[i] for i in _spread(len(source), r.eval_prompts)]
+  eval_fn = lambda s: runner.evaluate(s.params, eval_items, config.seed)  # noqa: E731
+  initial = backbone_lib.cached_json(os.path.join(stage_dir, "eval_initial.json"),
+                                     lambda: eval_fn(state))
+  log = metrics_lib.MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
+  with checkpoint.Checkpointer(stage_dir) as ckpt:
+    start, history = 0, []
+    if ckpt.latest_step() is not None:
+      restored = ckpt.restore(state)
+      state, start, history = restored.state, restored.step, restored.history
+      loader.restore(restored.loader_state)
+    log.reset(history)
+    began = time.time()
+    with tqdm(total=r.num_steps, initial=start, desc=name) as bar:
+      for step in range(start + 1, r.num_steps + 1):
+        state, metrics = runner.train_step(state, next(loader),
+                                           jax.random.fold_in(state.rng, step))
+        last = step == r.num_steps
+        record = {}
+        if step % r.log_every == 0 or last:
+          record.update(metrics_lib.scalars(metrics))
+        if last or (r.eval_every and step % r.eval_every == 0):
+          record.update(metrics_lib.scalars(eval_fn(state), prefix="eval/"))
+        if record:
+          record = {"step": step, **record}
+          history.append(record)
+          log.append(record)
+          bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                           if k in ("reward_mean", "eval/reward", "kl")}, refresh=False)
+        if step % r.checkpoint_every == 0 or last:
+          ckpt.save(step, state, loader_state=loader.state(), history=list(history),
+                    num_steps=r.num_steps)
+        bar.update(1)
+  logging.info("%s: %d steps in %.1f s", name, r.num_steps - start, time.time() - began)
+  _plot(stage_dir)
+  final = {f"{name}/{k}": v for k, v in (history[-1] if history else {}).items()}
+  final.update({f"{name}/eval_initial/{k}": v for k, v in initial.items()})
+  return final
+
+
+def _spread(n: int, k: int) -> list[int]:
+  """k indices spread evenly over range(n) (both tasks end up in the eval set)."""
+  return sorted({int(i) for i in np.linspace(0, n - 1, min(k, n))})
+
+
+def _plot(stage_dir: str) -> None:
+  path = os.path.join(stage_dir, "metrics.jsonl")
+  logged = set().union(*map(set, metrics_lib.read_metrics(path)))
+  panels = [["reward_mean", "eval/reward"], "kl", "entropy", "clip_fraction", "logp_mismatch",
+            "response_length", "groups_dropped", "grad_norm"]
+  kept = [[k for k in ([p] if isinstance(p, str) else p) if k in logged] for p in panels]
+  metrics_lib.plot_metrics(path, os.path.join(stage_dir, "curves.png"), [p for p in kept if p])
