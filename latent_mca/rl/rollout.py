@@ -211,11 +211,13 @@ def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: s
                  mask=masks, lengths=masks.sum(-1))
 
 
+@functools.cache
 def sharded_rollout(system: LatentSystem, mesh: Mesh, *, space: str, sampling: SamplingConfig,
                     axis: str = "data"):
   """`rollout` as one jitted program over `mesh`, groups split over its `axis`.
 
-  Returns fn(params, extra, prompts, rng) -> Rollout, rows in global order. Params
+  Returns fn(params, extra, prompts, rng) -> Rollout, rows in global order (one
+  compiled program per argument set: later calls with equal arguments reuse it). Params
   are replicated; each device takes B / devices whole prompts (B must divide). The
   result equals the single-device `rollout` (per-row keys use global row indices).
   """

@@ -115,6 +115,12 @@ class _Prompts:
     return task, example, prompt
 
 
+@functools.cache
+def _compiled_step(config: step_lib.RLStepConfig):
+  """One jitted `rl_step` per config, shared by every run in the process (resumes, evals)."""
+  return jax.jit(functools.partial(step_lib.rl_step, config=config), donate_argnums=0)
+
+
 def _rewards(items, texts: list[str], group_size: int) -> np.ndarray:
   out = []
   for i, (_, example, _) in enumerate(items):
@@ -151,8 +157,7 @@ class RLRunner:
     self.step_config = step_lib.RLStepConfig(
         self.system, self.algorithm, space=self.space, temperature=r.temperature,
         top_layers=r.token_top_layers if self.space == rollout_lib.TOKEN else 0)
-    self.step = jax.jit(functools.partial(step_lib.rl_step, config=self.step_config),
-                        donate_argnums=0)
+    self.step = _compiled_step(self.step_config)
 
   def _start_variables(self, model_cfg):
     """The final variables of latent_sft (latent space) or sft's backbone (token space)."""

@@ -1,0 +1,86 @@
+"""The `rl` stage on the smoke world: metrics, outputs, frozen modules and resume."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from latent_mca.jobs import pipeline
+from latent_mca.stages import rl as rl_stage
+from latent_mca.training import checkpoint, metrics as metrics_lib
+from tests.test_backbone_stages import _DiesAt, _host, _Killed, _workdir_with_data
+
+HEALTH = ("reward_mean", "reward_std", "kl", "clip_fraction", "entropy", "logp_mismatch",
+          "response_length", "loss", "grad_norm")
+
+
+def _config(smoke_config, **rl):
+  config = smoke_config.copy_and_resolve_references()
+  config.stages = "rl"
+  config.rl.update(rl)
+  return config
+
+
+def _final(workdir, name):
+  return _host(checkpoint.load_final(os.path.join(workdir, name), {"params": None})["params"])
+
+
+@pytest.mark.parametrize("space", ["latent", "token"])
+def test_rl_stage_writes_its_health_metrics_and_keeps_frozen_modules(smoke, space):
+  config, workdir, _, _ = smoke
+  config = _config(config, action_space=space)
+  metrics = pipeline.run(config, workdir)
+  name = f"rl_{space}_grpo"
+  assert metrics[f"{name}/step"] == config.rl.num_steps
+  for key in HEALTH + ("eval/reward",):
+    assert f"{name}/{key}" in metrics, key
+  for file in ("metrics.jsonl", "curves.png", "eval_initial.json"):
+    assert os.path.isfile(os.path.join(workdir, name, file))
+  records = metrics_lib.read_metrics(os.path.join(workdir, name, "metrics.jsonl"))
+  assert [r["step"] for r in records] == list(range(1, config.rl.num_steps + 1))
+  # Sampler and learner agree on the first, on-policy step.
+  assert records[0]["logp_mismatch"] < 1e-4
+  after = _final(workdir, name)
+  start = "latent_sft" if space == "latent" else "sft"
+  before = _host(checkpoint.load_final(os.path.join(workdir, start), {"params": None})["params"])
+  if space == "latent":
+    for module in ("world_model", "codebook", "inverse_dynamics", "backbone"):
+      for a, b in zip(jax.tree.leaves(before[module]), jax.tree.leaves(after[module])):
+        assert a.tobytes() == b.tobytes(), module
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(before["policy"]), jax.tree.leaves(after["policy"])))
+  else:
+    layers_before = before["decoder"]["layers"]
+    layers_after = after["backbone"]["decoder"]["layers"]
+    for a, b in zip(jax.tree.leaves(layers_before), jax.tree.leaves(layers_after)):
+      assert np.array_equal(a[0], b[0])  # token_top_layers=1 of 2: the bottom layer is frozen
+    assert any(not np.array_equal(a[1], b[1]) for a, b in
+               zip(jax.tree.leaves(layers_before), jax.tree.leaves(layers_after)))
+    visual_after = after["backbone"]["visual"]
+    for a, b in zip(jax.tree.leaves(before["visual"]), jax.tree.leaves(visual_after)):
+      assert a.tobytes() == b.tobytes()
+
+
+def test_killed_dapo_run_resumes_to_the_uninterrupted_params(smoke, tmp_path, monkeypatch):
+  config, workdir, _, _ = smoke
+  config = _config(config, algorithm="dapo")  # dynamic sampling and overlong shaping too
+  metrics = pipeline.run(config, workdir)
+  assert 0.0 <= metrics["rl_latent_dapo/groups_dropped"] <= 1.0
+  resumed = _workdir_with_data(workdir, tmp_path)
+  os.symlink(os.path.join(workdir, "latent_sft"), os.path.join(resumed, "latent_sft"))
+  make_loader = rl_stage.DataLoader
+  monkeypatch.setattr(rl_stage, "DataLoader",
+                      lambda *a, **k: _DiesAt(make_loader(*a, **k), at=4))
+  with pytest.raises(_Killed):  # after steps 1-3; the last checkpoint is 2
+    pipeline.run(config, resumed)
+  monkeypatch.setattr(rl_stage, "DataLoader", make_loader)
+  pipeline.run(config, resumed)
+  straight, again = _final(workdir, "rl_latent_dapo"), _final(resumed, "rl_latent_dapo")
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(straight)[0],
+                          jax.tree.leaves(again)):
+    assert a.tobytes() == b.tobytes(), jax.tree_util.keystr(path)
+  assert (metrics_lib.read_metrics(os.path.join(resumed, "rl_latent_dapo", "metrics.jsonl")) ==
+          metrics_lib.read_metrics(os.path.join(workdir, "rl_latent_dapo", "metrics.jsonl")))
