@@ -1,15 +1,18 @@
-r"""The embedded default pipeline on the synthetic world (stages grow as they land).
+r"""The embedded default pipeline on the synthetic world: every stage, in order.
 
-  python -m experiments.run --config configs/demo.py --workdir workdirs/demo \
-      --config.stages=prepare_data,pretrain,sft
+  python -m experiments.run --config configs/demo.py --workdir workdirs/demo
 
 prepare_data renders the paired set (2,200 scenes), the text-only corpus (2,200 texts)
-and both dialogue tasks (1,100 examples each: sft / rl / test_in / test_out), written
-as ArrayRecord under workdir/data, and trains the BPE tokenizer (workdir/tokenizer):
-about 30 s on a 2-core CPU. pretrain (400 steps) trains the tiny Qwen2.5-VL from
-scratch: held-out loss 7.7 -> 1.3, about 2 min; sft (200 steps) fine-tunes it on the
-dialogue tasks: test_in loss 5.0 -> 1.1, about 1 min (measured on a shared 2-core
-machine, ±50%). A second run reuses everything; a killed stage resumes.
+and both dialogue tasks (1,100 examples each: sft / rl / test_in / test_out) as
+ArrayRecord under workdir/data, and trains the BPE tokenizer. pretrain (400 steps)
+trains the tiny Qwen2.5-VL from scratch; sft (200 steps) fine-tunes it on the dialogue
+tasks. The latent action model's five stages follow (inverse_warmup, cycle_warmup,
+inverse_joint, policy_bc, latent_sft; see `latent_mca.stages.latent`). All of it took
+9 min 19 s on a shared 2-core CPU; a second run reuses everything, and a killed stage
+resumes. RL runs separately for now:
+
+  python -m experiments.run --config configs/demo.py --workdir workdirs/demo \
+      --config.stages=rl --config.rl.algorithm=grpo --config.rl.action_space=latent
 """
 
 from latent_mca.jobs import pipeline
