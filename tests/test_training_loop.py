@@ -214,3 +214,9 @@ def test_plot_metrics_writes_a_png(tmp_path):
   assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
   with pytest.raises(ValueError, match="accuracy"):
     metrics.plot_metrics(jsonl, png, ["accuracy"])
+  # Grouped panels; skip_missing drops what was not logged instead of failing.
+  grouped = str(tmp_path / "grouped.png")
+  metrics.plot_metrics(jsonl, grouped, [["loss", "accuracy"], "eval/seen", ["accuracy"]],
+                       skip_missing=True)
+  with open(grouped, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -176,14 +176,8 @@ def _panels(stage: str, sets: list[str]) -> list:
 
 
 def _plot(stage_dir: str, panels: list) -> None:
-  path = os.path.join(stage_dir, "metrics.jsonl")
-  logged = set().union(*map(set, metrics_lib.read_metrics(path)))
-  kept = []
-  for panel in panels:
-    keys = [k for k in ([panel] if isinstance(panel, str) else panel) if k in logged]
-    if keys:
-      kept.append(keys)
-  metrics_lib.plot_metrics(path, os.path.join(stage_dir, "curves.png"), kept)
+  metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
+                           os.path.join(stage_dir, "curves.png"), panels, skip_missing=True)
 
 
 def initial_variables(config, workdir: str, stage: str, system: steps_lib.LatentSystem,

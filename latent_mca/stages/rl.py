@@ -286,9 +286,7 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def _plot(stage_dir: str) -> None:
-  path = os.path.join(stage_dir, "metrics.jsonl")
-  logged = set().union(*map(set, metrics_lib.read_metrics(path)))
   panels = [["reward_mean", "eval/reward"], "kl", "entropy", "clip_fraction", "logp_mismatch",
             "response_length", "groups_dropped", "grad_norm"]
-  kept = [[k for k in ([p] if isinstance(p, str) else p) if k in logged] for p in panels]
-  metrics_lib.plot_metrics(path, os.path.join(stage_dir, "curves.png"), [p for p in kept if p])
+  metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
+                           os.path.join(stage_dir, "curves.png"), panels, skip_missing=True)

@@ -58,14 +58,17 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_metrics(metrics_jsonl: str, png_path: str,
-                 panels: Sequence[str | Sequence[str]], columns: int = 4) -> None:
+                 panels: Sequence[str | Sequence[str]], columns: int = 4,
+                 skip_missing: bool = False) -> None:
   """Plots metrics against step into a PNG file, one panel per entry of `panels`.
 
   An entry is a metric name, or a sequence of names drawn together in one panel with
   a legend (e.g. a loss and its baselines). Panels fill rows of `columns`.
+  skip_missing=True leaves out metrics the file does not hold (and emptied panels),
+  e.g. the terms an ablation switches off.
 
   Raises:
-    ValueError: a metric that no record of the file holds.
+    ValueError: a metric that no record of the file holds (unless skip_missing).
   """
   # matplotlib only for plotting: training does not need it installed.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -73,6 +76,9 @@ def plot_metrics(metrics_jsonl: str, png_path: str,
 
   records = read_metrics(metrics_jsonl)
   groups = [(p,) if isinstance(p, str) else tuple(p) for p in panels]
+  if skip_missing:
+    logged = set().union(*map(set, records))
+    groups = [g for g in (tuple(k for k in g if k in logged) for g in groups) if g]
   missing = [k for g in groups for k in g if not any(k in r for r in records)]
   if missing:
     raise ValueError(f"{metrics_jsonl} has no metric {missing}")
