@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -220,3 +222,13 @@ def test_plot_metrics_writes_a_png(tmp_path):
                        skip_missing=True)
   with open(grouped, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  first = run("relative", num_steps=4)
+  again = run("relative", num_steps=4)  # restores the final checkpoint instead of training
+  assert os.path.isdir(tmp_path / "relative" / "toy" / "checkpoints" / "4")
+  for a, b in zip(jax.tree.leaves(first[0].params), jax.tree.leaves(again[0].params)):
+    np.testing.assert_array_equal(a, b)
+  assert first[1] == again[1]

@@ -56,8 +56,9 @@ def stage_name(stage_dir: str) -> str:
 
 
 def checkpoint_dir(stage_dir: str) -> str:
-  """Where the checkpoints of the stage in `stage_dir` (workdir/<stage>) live."""
-  return os.path.join(stage_dir, "checkpoints")
+  """Where the checkpoints of the stage in `stage_dir` (workdir/<stage>) live: an absolute
+  path (orbax refuses relative ones, and workdirs are often given relative)."""
+  return os.path.abspath(os.path.join(stage_dir, "checkpoints"))
 
 
 class Checkpointer:
