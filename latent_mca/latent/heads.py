@@ -116,8 +116,8 @@ class InverseDynamics(nn.Module):
 class Policy(nn.Module):
   """policy_layers decoder layers on h -> RMSNorm -> Linear(d, num_codes).
 
-  Not stop-gradient: in RL the reference also trains the backbone's final norm
-  through the policy.
+  Not stop-gradient: the reference's RL also trains the backbone's final norm
+  through the policy (our `rl` stage trains the policy alone by default).
   """
 
   text_config: TextConfig

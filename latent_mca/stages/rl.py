@@ -94,25 +94,17 @@ def _sampling(config, model_cfg, space: str, group_size: int) -> rollout_lib.Sam
       stop_token_ids=tuple(model_cfg.eos_token_id), pad_token_id=model_cfg.pad_token_id or 0)
 
 
-class _Prompts:
-  """Decoded rl-split examples with their encoded prompts: [(task, example, prompt)]."""
+def _prompt_items(config, workdir: str, processor: Processor,
+                  split: str = "rl") -> data_lib.EncodedSource:
+  """The split's examples of every task as (task, decoded example, encoded prompt) items."""
+  sources = data_lib.load_sources(config, workdir, [f"{task}/{split}" for task in TASKS])
 
-  def __init__(self, config, workdir: str, processor: Processor, split: str = "rl"):
-    names = [f"{task}/{split}" for task in TASKS]
-    sources = data_lib.load_sources(config, workdir, names)
-    self._parts = [(task, sources[f"{task}/{split}"]) for task in TASKS]
-    self._ends = np.cumsum([len(s) for _, s in self._parts])
-    self._processor, self._length = processor, config.rl.prompt_length
-
-  def __len__(self) -> int:
-    return int(self._ends[-1])
-
-  def __getitem__(self, index: int):
-    part = int(np.searchsorted(self._ends, index, side="right"))
-    task, source = self._parts[part]
-    example = data_lib.decode_example(source[index - (int(self._ends[part - 1]) if part else 0)])
-    prompt = prompts_lib.prompt_example(self._processor, task, example, self._length)
+  def item(task, example):
+    prompt = prompts_lib.prompt_example(processor, task, example, config.rl.prompt_length)
     return task, example, prompt
+
+  return data_lib.EncodedSource([(sources[f"{task}/{split}"], functools.partial(item, task))
+                                 for task in TASKS])
 
 
 @functools.cache
@@ -238,7 +230,7 @@ def run(config, workdir: str) -> dict:
   tx = state_lib.make_optimizer(optimizer, r.num_steps)
   state = state_lib.TrainState.create(runner.params, tx, jax.random.key(config.seed),
                                       runner.extra)
-  source = _Prompts(config, workdir, runner.processor)
+  source = _prompt_items(config, workdir, runner.processor)
   loader = DataLoader(source, runner.pool, collate_fn=list, seed=config.seed)
   eval_items = [source[i] for i in _spread(len(source), r.eval_prompts)]
   eval_fn = lambda s: runner.evaluate(s.params, eval_items, config.seed)  # noqa: E731
