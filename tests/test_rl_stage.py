@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from latent_mca.jobs import pipeline
+from latent_mca.judge import diversity
 from latent_mca.stages import rl as rl_stage
 from latent_mca.training import checkpoint, metrics as metrics_lib
 from tests.test_backbone_stages import _DiesAt, _host, _Killed, _workdir_with_data
@@ -24,6 +26,11 @@ def _config(smoke_config, **rl):
   return config
 
 
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
 def _final(workdir, name):
   return _host(checkpoint.load_final(os.path.join(workdir, name), {"params": None})["params"])
 
@@ -35,12 +42,18 @@ def test_rl_stage_writes_its_health_metrics_and_keeps_frozen_modules(smoke, spac
   metrics = pipeline.run(config, workdir)
   name = f"rl_{space}_grpo"
   assert metrics[f"{name}/step"] == config.rl.num_steps
-  for key in HEALTH + ("eval/reward",):
+  for key in HEALTH + ("eval/reward", "eval/diversity", "eval_initial/diversity"):
     assert f"{name}/{key}" in metrics, key
+  # Diversity is 1 / mean pairwise cosine: at least 1 (at most 1 / MIN_COSINE).
+  assert 1.0 <= metrics[f"{name}/eval/diversity"] <= 1 / diversity.MIN_COSINE
   for file in ("metrics.jsonl", "curves.png", "eval_initial.json"):
     assert os.path.isfile(os.path.join(workdir, name, file))
   records = metrics_lib.read_metrics(os.path.join(workdir, name, "metrics.jsonl"))
-  assert [r["step"] for r in records] == list(range(1, config.rl.num_steps + 1))
+  # Step 0 is the starting point's evaluation, then one record per step.
+  assert [r["step"] for r in records] == list(range(config.rl.num_steps + 1))
+  assert records[0] == {"step": 0, **{f"eval/{k}": v for k, v in _json(
+      os.path.join(workdir, name, "eval_initial.json")).items()}}
+  records = records[1:]
   # Sampler and learner agree on the first, on-policy step.
   assert records[0]["logp_mismatch"] < 1e-4
   after = _final(workdir, name)
@@ -84,3 +97,49 @@ def test_killed_dapo_run_resumes_to_the_uninterrupted_params(smoke, tmp_path, mo
     assert a.tobytes() == b.tobytes(), jax.tree_util.keystr(path)
   assert (metrics_lib.read_metrics(os.path.join(resumed, "rl_latent_dapo", "metrics.jsonl")) ==
           metrics_lib.read_metrics(os.path.join(workdir, "rl_latent_dapo", "metrics.jsonl")))
+
+
+def test_prompts_longer_than_the_prompt_length_are_left_out(smoke):
+  config, workdir, _, _ = smoke
+  processor = rl_stage.Processor(rl_stage.data_lib.load_tokenizer(config, workdir))
+  every = rl_stage._prompt_items(_config(config, prompt_length=1 << 20), workdir, processor)
+  lengths = sorted(len(every[i][2]["input_ids"]) for i in range(len(every)))
+  cut = lengths[len(lengths) // 2]
+  kept = rl_stage._prompt_items(_config(config, prompt_length=cut), workdir, processor)
+  assert len(kept) == sum(n <= cut for n in lengths) < len(every)
+  assert all(len(kept[i][2]["input_ids"]) <= cut for i in range(len(kept)))
+  with pytest.raises(ValueError, match="no rl prompt fits rl.prompt_length=3"):
+    rl_stage._prompt_items(_config(config, prompt_length=3), workdir, processor)
+
+
+def test_an_llm_judge_without_an_endpoint_is_named_before_any_work(smoke, tmp_path):
+  config, workdir, _, _ = smoke
+  config = _config(config)
+  config.rl.judge.kind = "llm"
+  with pytest.raises(ValueError, match="rl.judge.base_url"):
+    rl_stage.run(config, str(tmp_path))  # no checkpoint there either: the judge is named first
+
+
+def test_rl_stage_runs_every_listed_algorithm_and_space_and_tabulates_them(smoke):
+  config, workdir, _, _ = smoke
+  # Both runs also run in the health-metrics test above; whichever comes first trains.
+  metrics = pipeline.run(_config(config, action_space="latent,token"), workdir)
+  for name in ("rl_latent_grpo", "rl_token_grpo"):
+    assert metrics[f"{name}/step"] == config.rl.num_steps
+  summary = _json(os.path.join(workdir, "rl_summary.json"))
+  for name in ("rl_latent_grpo", "rl_token_grpo"):
+    records = metrics_lib.read_metrics(os.path.join(workdir, name, "metrics.jsonl"))
+    evals = [r["eval/reward"] for r in records if "eval/reward" in r]
+    assert summary[name]["start"] == evals[0] and summary[name]["end"] == evals[-1]
+    assert summary[name]["best"] == max(evals)
+  with open(os.path.join(workdir, "rl_summary.md")) as f:
+    table = f.read()
+  assert "| rl_latent_grpo |" in table and "| rl_token_grpo |" in table
+  assert os.path.getsize(os.path.join(workdir, "rl_rewards.png")) > 0
+
+
+def test_an_unknown_algorithm_in_the_list_stops_the_stage_before_any_run(smoke, tmp_path):
+  config, _, _, _ = smoke
+  with pytest.raises(ValueError, match="unknown RL algorithm 'ppo'"):
+    rl_stage.run_all(_config(config, algorithm="grpo,ppo"), str(tmp_path))
+  assert not os.listdir(tmp_path)

@@ -98,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.inverse_joint = latent.stage_defaults(150, 8, 128, 5e-4, "inverse_joint")
   c.policy_bc = latent.stage_defaults(150, 8, 128, 1e-3, "policy_bc", warmup_steps=20)
   c.latent_sft = latent.stage_defaults(150, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
-  # RL (SPEC sections 2-3): one algorithm in one action space per run of the "rl" stage.
+  # RL (SPEC sections 2-3): each listed algorithm in each listed action space (rl.run_all).
   c.rl = rl.rl_defaults()
   return c
 
@@ -187,7 +187,7 @@ def prepare_data(config, workdir: str) -> dict:
 
 
 STAGES = {"prepare_data": prepare_data, "pretrain": backbone.pretrain, "sft": backbone.sft,
-          **latent.STAGES, "rl": rl.run}
+          **latent.STAGES, "rl": rl.run_all}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

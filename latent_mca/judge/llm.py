@@ -18,7 +18,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 SYSTEM_PROMPT = ("You are an objective and precise evaluator, specializing in rigorously "
                  "assessing the role-playing and multimodal understanding abilities of various "
@@ -114,11 +114,15 @@ def score_ratio(candidate: dict[str, float], reference: dict[str, float]) -> flo
 
 
 def pairwise_prompt(dimension: str, context: RolePlayContext, question: str, candidate: str,
-                    reference: str) -> str:
-  """The review prompt for one dimension: the candidate is Model A, the ground truth Model B."""
-  if dimension not in ASPECTS:
-    raise KeyError(f"unknown dimension {dimension!r}; known: {sorted(ASPECTS)}")
-  aspect, ask = ASPECTS[dimension]
+                    reference: str, aspects: Mapping[str, tuple[str, str]] = ASPECTS) -> str:
+  """The review prompt for one dimension: the candidate is Model A, the ground truth Model B.
+
+  aspects: dimension -> (aspect name, question), as `ASPECTS`. `context` is any object
+  with `role`, `other` (filling the question's `{role}`, `{other}`) and `task`.
+  """
+  if dimension not in aspects:
+    raise KeyError(f"unknown dimension {dimension!r}; known: {sorted(aspects)}")
+  aspect, ask = aspects[dimension]
   ask = ask.format(role=context.role, other=context.other)
   return (
       f"## **[Question Start]**\n\n{question}\n\n## **[Question End]**\n\n\n"
@@ -232,10 +236,15 @@ class LLMJudge:
     raise JudgeError(f"judge failed after {attempt + 1} attempt(s): {problem}")
 
   def score(self, context: RolePlayContext, question: str, candidate: str, reference: str,
-            image=None) -> PairwiseScores:
-    """Pairwise scores of candidate (Model A) and ground truth (Model B) on every dimension."""
+            image=None, aspects: Mapping[str, tuple[str, str]] | None = None) -> PairwiseScores:
+    """Pairwise scores of candidate (Model A) and ground truth (Model B) on every dimension.
+
+    aspects: score on all of these dimensions instead of `self.dimensions` of `ASPECTS`.
+    """
+    dims = self.dimensions if aspects is None else tuple(aspects)
     ref, cand = {}, {}
-    for dim in self.dimensions:
-      prompt = pairwise_prompt(dim, context, question, candidate, reference)
+    for dim in dims:
+      prompt = pairwise_prompt(dim, context, question, candidate, reference,
+                               ASPECTS if aspects is None else aspects)
       cand[dim], ref[dim] = self.complete(prompt, image, parse=parse_pair)
     return PairwiseScores(reference=ref, candidate=cand)

