@@ -20,6 +20,7 @@ from latent_mca.judge import (ASPECTS, PERSONALISED_ASPECTS, PERSONALISED_DIMENS
                               LLMJudge, LLMRewards, judge_defaults, make_reward_fn, programmatic,
                               programmatic_rewards)
 from latent_mca.judge.rewards import PersonalisedContext, personalised_context, roleplay_context
+from tests.test_llm_judge import send_json
 
 _CANDIDATE = re.compile(r"\[Model A's Response Start\]\*\*\n\n(.*?)\n\n## \*\*\[Model A's", re.S)
 _ASPECT = re.compile(r"aspect of each model's response:\n([^:\n]+):")
@@ -58,13 +59,8 @@ class _Judge:
           self.end_headers()
           return
         a, b = _pair(candidate, aspect)
-        data = json.dumps({"choices": [{"message": {
-            "content": f"A is fine. [Scores]: ({a}, {b})"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, json.dumps({"choices": [{"message": {
+            "content": f"A is fine. [Scores]: ({a}, {b})"}}]}).encode())
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

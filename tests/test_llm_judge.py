@@ -20,6 +20,15 @@ CONTEXT = RolePlayContext(role="Granny Rose")
 _OK = "Both fine, [Scores]: (5, 5)"
 
 
+def send_json(handler: http.server.BaseHTTPRequestHandler, data: bytes) -> None:
+  """A 200 reply with a JSON body, as an OpenAI-compatible endpoint sends it."""
+  handler.send_response(200)
+  handler.send_header("Content-Type", "application/json")
+  handler.send_header("Content-Length", str(len(data)))
+  handler.end_headers()
+  handler.wfile.write(data)
+
+
 class _Server:
   """Answers POST /v1/chat/completions from a script of behaviours, one per request."""
 
@@ -43,13 +52,8 @@ class _Server:
           self.send_response(value)
           self.end_headers()
           return
-        data = (json.dumps({"choices": [{"message": {"content": value}}]}).encode()
-                if kind == "reply" else value)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, json.dumps({"choices": [{"message": {"content": value}}]}).encode()
+                  if kind == "reply" else value)
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

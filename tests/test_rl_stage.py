@@ -51,8 +51,11 @@ def test_rl_stage_writes_its_health_metrics_and_keeps_frozen_modules(smoke, spac
   records = metrics_lib.read_metrics(os.path.join(workdir, name, "metrics.jsonl"))
   # Step 0 is the starting point's evaluation, then one record per step.
   assert [r["step"] for r in records] == list(range(config.rl.num_steps + 1))
-  assert records[0] == {"step": 0, **{f"eval/{k}": v for k, v in _json(
-      os.path.join(workdir, name, "eval_initial.json")).items()}}
+  initial = _json(os.path.join(workdir, name, "eval_initial.json"))
+  assert len(initial["per_prompt"]) == config.rl.eval_prompts
+  assert initial["reward"] == pytest.approx(np.mean(initial["per_prompt"]))
+  assert records[0] == {"step": 0, **{f"eval/{k}": v for k, v in initial.items()
+                                      if k != "per_prompt"}}
   records = records[1:]
   # Sampler and learner agree on the first, on-policy step.
   assert records[0]["logp_mismatch"] < 1e-4
@@ -132,6 +135,12 @@ def test_rl_stage_runs_every_listed_algorithm_and_space_and_tabulates_them(smoke
     evals = [r["eval/reward"] for r in records if "eval/reward" in r]
     assert summary[name]["start"] == evals[0] and summary[name]["end"] == evals[-1]
     assert summary[name]["best"] == max(evals)
+    # The change and its standard error over the paired per-prompt rewards, by hand.
+    change = (np.array(_json(os.path.join(workdir, name, "eval_final.json"))["per_prompt"]) -
+              np.array(_json(os.path.join(workdir, name, "eval_initial.json"))["per_prompt"]))
+    assert summary[name]["change"] == pytest.approx(evals[-1] - evals[0], abs=1e-6)
+    assert summary[name]["change_se"] == pytest.approx(
+        np.sqrt(np.sum((change - change.mean())**2) / (len(change) - 1) / len(change)))
   with open(os.path.join(workdir, "rl_summary.md")) as f:
     table = f.read()
   assert "| rl_latent_grpo |" in table and "| rl_token_grpo |" in table

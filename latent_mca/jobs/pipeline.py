@@ -100,6 +100,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.latent_sft = latent.stage_defaults(150, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
   # RL (SPEC sections 2-3): each listed algorithm in each listed action space (rl.run_all).
   c.rl = rl.rl_defaults()
+  # The demo's sizes: prompts of up to 192 tokens (5% of the rl split are longer and left
+  # out), replies of up to 48 (the sft replies' length), 40 steps of 4 prompts x 8, eval
+  # on 32 fixed prompts; lr 1e-4 for the tiny model (the reference's 1e-6 is for 3B).
+  c.rl.update(dict(prompt_length=192, max_new_tokens=48, num_steps=40, eval_prompts=32))
+  c.rl.optimizer.learning_rate = 1e-4
   return c
 
 
@@ -121,7 +126,8 @@ def smoke_config() -> ml_collections.ConfigDict:
                                 fullatt_block_indexes=(0,)))
   c.latent.update(dict(num_codes=16, idm_layers=1, policy_layers=1))
   c.rl.update(dict(num_steps=4, prompts_per_step=2, group_size=4, max_new_tokens=16,
-                   eval_every=0, eval_prompts=4, checkpoint_every=2, token_top_layers=1))
+                   prompt_length=256, eval_every=0, eval_prompts=4, checkpoint_every=2,
+                   token_top_layers=1))
   c.rl.optimizer.learning_rate = 1e-3
   stages = [("pretrain", 24, 64), ("sft", 12, 224)] + [
       (stage, 6, 224 if stage == "latent_sft" else 64) for stage in latent.ORDER]

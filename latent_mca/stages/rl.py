@@ -23,8 +23,10 @@ many is logged (as verl's filter_overlong_prompts). Under workdir/rl_<space>_<al
 checkpoints (state, prompt position, history: a killed run resumes to the same bits),
 metrics.jsonl (every health metric each logged step; every eval_every steps, on a fixed
 set of rl-split prompts: eval/reward and eval/diversity, the reference's 1 / mean
-pairwise cosine of a group's sentence embeddings), eval_initial.json (the same before
-the first update) and curves.png.
+pairwise cosine of a group's sentence embeddings; step 0 is the starting point),
+eval_initial.json / eval_final.json (before the first update and after the last, with
+each prompt's mean reward) and curves.png. `run_all` runs every listed algorithm x
+action space and tabulates them (`write_summary`: workdir/rl_summary.md, rl_rewards.png).
 """
 
 from __future__ import annotations
@@ -247,8 +249,8 @@ class RLRunner:
     return state, metrics
 
   def evaluate(self, params, items, seed: int) -> dict:
-    """Mean judge reward (and its spread over prompts) of G samples per fixed prompt, and
-    the groups' diversity when a sentence encoder is configured."""
+    """Mean judge reward of G samples per fixed prompt (its spread over prompts, and each
+    prompt's mean: "per_prompt"), and the groups' diversity when an encoder is configured."""
     g, chunk = self.config.rl.group_size, self.pool  # the training rollout's shape: no compile
     if len(items) < chunk:
       raise ValueError(f"rl.eval_prompts={len(items)} must be at least the {chunk} prompts "
@@ -260,7 +262,8 @@ class RLRunner:
       rewards.append(raw.reshape(-1, g))
       groups += [texts[j:j + g] for j in range(0, len(texts), g)]
     per_prompt = np.concatenate(rewards).mean(axis=1)
-    out = {"reward": float(per_prompt.mean()), "reward_prompt_std": float(per_prompt.std())}
+    out = {"reward": float(per_prompt.mean()), "reward_prompt_std": float(per_prompt.std()),
+           "per_prompt": per_prompt.tolist()}
     if self.encoder is not None and g > 1:
       # An empty response embeds as [CLS][SEP] alone: a valid (if uninformative) vector.
       out["diversity"] = diversity_lib.group_diversity(groups, self.encoder)["diversity"]
@@ -292,7 +295,7 @@ def run(config, workdir: str) -> dict:
   log = metrics_lib.MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
   with checkpoint.Checkpointer(stage_dir) as ckpt:
     # Step 0 is the starting point's evaluation: every eval curve starts from it.
-    start, history = 0, [{"step": 0, **metrics_lib.scalars(initial, prefix="eval/")}]
+    start, history = 0, [{"step": 0, **_eval_scalars(initial)}]
     if ckpt.latest_step() is not None:
       restored = ckpt.restore(state)
       state, start, history = restored.state, restored.step, restored.history
@@ -308,7 +311,10 @@ def run(config, workdir: str) -> dict:
         if step % r.log_every == 0 or last:
           record.update(metrics_lib.scalars(metrics))
         if last or (r.eval_every and step % r.eval_every == 0):
-          record.update(metrics_lib.scalars(eval_fn(state), prefix="eval/"))
+          evaluation = eval_fn(state)
+          record.update(_eval_scalars(evaluation))
+          if last:
+            _write_json(os.path.join(stage_dir, "eval_final.json"), evaluation)
         if record:
           record = {"step": step, **record}
           history.append(record)
@@ -322,8 +328,19 @@ def run(config, workdir: str) -> dict:
   logging.info("%s: %d steps in %.1f s", name, r.num_steps - start, time.time() - began)
   _plot(stage_dir)
   final = {f"{name}/{k}": v for k, v in history[-1].items()}
-  final.update({f"{name}/eval_initial/{k}": v for k, v in initial.items()})
+  final.update({f"{name}/eval_initial/{k}": v for k, v in _eval_scalars(initial, "").items()})
   return final
+
+
+def _eval_scalars(evaluation: dict, prefix: str = "eval/") -> dict:
+  """An evaluation's scalar metrics (without the per-prompt list)."""
+  return metrics_lib.scalars({k: v for k, v in evaluation.items() if k != "per_prompt"}, prefix)
+
+
+def _write_json(path: str, value) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 def _names(field: str, value: str) -> list[str]:
@@ -363,37 +380,51 @@ def run_all(config, workdir: str) -> dict:
 
 
 def write_summary(workdir: str) -> str:
-  """rl_summary.md / .json and rl_rewards.png over every rl_<space>_<algorithm> run in
-  workdir that logged an eval; returns the markdown table's path."""
+  """rl_summary.md / .json and rl_rewards.png over every finished rl_<space>_<algorithm>
+  run in workdir; returns the markdown table's path.
+
+  Each run's change is its final eval reward minus its starting point's, on the same
+  prompts with the same sampling keys; its standard error is that of the mean of the
+  per-prompt changes (the prompts are the independent units).
+  """
   runs = {}
   for entry in sorted(os.listdir(workdir)):
-    path = os.path.join(workdir, entry, "metrics.jsonl")
-    if not (entry.startswith("rl_") and os.path.isfile(path)):
+    folder = os.path.join(workdir, entry)
+    files = [os.path.join(folder, f) for f in ("eval_initial.json", "eval_final.json",
+                                               "metrics.jsonl")]
+    if not (entry.startswith("rl_") and all(map(os.path.isfile, files))):
       continue
-    evals = [r for r in metrics_lib.read_metrics(path) if "eval/reward" in r]
-    if len(evals) < 2:
-      continue
-    rewards = [r["eval/reward"] for r in evals]
+    initial, final = (_read_json(f) for f in files[:2])
+    evals = [r for r in metrics_lib.read_metrics(files[2]) if "eval/reward" in r]
+    change = np.asarray(final["per_prompt"]) - np.asarray(initial["per_prompt"])
     runs[entry] = dict(
-        steps=evals[-1]["step"], start=rewards[0], end=rewards[-1], best=max(rewards),
-        diversity_start=evals[0].get("eval/diversity"), diversity_end=evals[-1].get(
-            "eval/diversity"), curve=[(r["step"], r["eval/reward"]) for r in evals])
-  with open(os.path.join(workdir, "rl_summary.json"), "w") as f:
-    json.dump(runs, f, indent=1)
+        steps=evals[-1]["step"], start=initial["reward"], end=final["reward"],
+        change=float(change.mean()), change_se=float(change.std(ddof=1) / np.sqrt(len(change))),
+        prompts=len(change), best=max(r["eval/reward"] for r in evals),
+        diversity_start=initial.get("diversity"), diversity_end=final.get("diversity"),
+        curve=[(r["step"], r["eval/reward"]) for r in evals])
+  _write_json(os.path.join(workdir, "rl_summary.json"), runs)
   fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-  lines = ["| run | steps | eval reward: start | end | change | best | diversity: start | end |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| run | steps | eval reward: start | end | change (± s.e.) | best | "
+           "diversity: start | end |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for entry, r in runs.items():
     lines.append(f"| {entry} | {r['steps']} | {fmt(r['start'])} | {fmt(r['end'])} | "
-                 f"{r['end'] - r['start']:+.3f} | {fmt(r['best'])} | "
+                 f"{r['change']:+.3f} ± {r['change_se']:.3f} | {fmt(r['best'])} | "
                  f"{fmt(r['diversity_start'])} | {fmt(r['diversity_end'])} |")
+  prompts = sorted({r["prompts"] for r in runs.values()})
   table = os.path.join(workdir, "rl_summary.md")
   with open(table, "w") as f:
-    f.write("Judge reward of G samples on fixed rl-split prompts (step 0: the SFT start).\n\n"
+    f.write(f"Judge reward of G samples on {'/'.join(map(str, prompts))} fixed rl-split "
+            "prompts (start: the SFT point; s.e. over prompts of the paired change).\n\n"
             + "\n".join(lines) + "\n")
   if runs:
     _plot_rewards(runs, os.path.join(workdir, "rl_rewards.png"))
   return table
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
 
 
 def _plot_rewards(runs: dict, png_path: str) -> None:
@@ -424,7 +455,7 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def _plot(stage_dir: str) -> None:
-  panels = [["reward_mean", "eval/reward"], "eval/diversity", "kl", "entropy", "clip_fraction", "logp_mismatch",
-            "response_length", "groups_dropped", "grad_norm"]
+  panels = [["reward_mean", "eval/reward"], "eval/diversity", "kl", "entropy", "clip_fraction",
+            "logp_mismatch", "response_length", "groups_dropped", "grad_norm"]
   metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
                            os.path.join(stage_dir, "curves.png"), panels, skip_missing=True)
