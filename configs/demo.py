@@ -9,10 +9,12 @@ trains the tiny Qwen2.5-VL from scratch; sft (200 steps) fine-tunes it on the di
 tasks. The latent action model's five stages follow (inverse_warmup, cycle_warmup,
 inverse_joint, policy_bc, latent_sft; see `latent_mca.stages.latent`). All of it took
 9 min 19 s on a shared 2-core CPU; a second run reuses everything, and a killed stage
-resumes. RL runs separately for now:
+resumes. RL runs separately for now, every listed algorithm in every listed space
+(40 steps each; results/rl_demo_cpu/ has the last table and curves):
 
   python -m experiments.run --config configs/demo.py --workdir workdirs/demo \
-      --config.stages=rl --config.rl.algorithm=grpo --config.rl.action_space=latent
+      --config.stages=rl --config.rl.algorithm=grpo,dr_grpo,dapo,bnpo \
+      --config.rl.action_space=token,latent
 """
 
 from latent_mca.jobs import pipeline
