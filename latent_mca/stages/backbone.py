@@ -190,15 +190,24 @@ class _TokenClock:
     return None if self.start is None else self.tokens / (time.perf_counter() - self.start)
 
 
-def cached_json(path: str, compute: Callable[[], dict]) -> dict:
-  """The dict in `path`, or compute() written there (so a rerun of a stage reuses it)."""
-  if os.path.isfile(path):
-    with open(path) as f:
-      return json.load(f)
-  value = compute()
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, value) -> None:
+  """Writes `value` to `path` as JSON whole or not at all (a temporary file, then a rename)."""
   with open(path + ".tmp", "w") as f:
     json.dump(value, f, indent=2)
   os.replace(path + ".tmp", path)
+
+
+def cached_json(path: str, compute: Callable[[], dict]) -> dict:
+  """The dict in `path`, or compute() written there (so a rerun of a stage reuses it)."""
+  if os.path.isfile(path):
+    return read_json(path)
+  value = compute()
+  write_json(path, value)
   return value
 
 

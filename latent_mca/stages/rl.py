@@ -32,7 +32,6 @@ action space and tabulates them (`write_summary`: workdir/rl_summary.md, rl_rewa
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -146,6 +145,14 @@ def _compiled_step(config: step_lib.RLStepConfig):
   return jax.jit(functools.partial(step_lib.rl_step, config=config), donate_argnums=0)
 
 
+def _check_spaces(spaces: Sequence[str]) -> None:
+  bad = [s for s in spaces if s not in (rollout_lib.LATENT, rollout_lib.TOKEN)]
+  if bad:
+    raise ValueError(f"rl.action_space {', '.join(map(repr, bad))}: each must be 'latent' or "
+                     "'token'")
+
+
+@functools.cache  # one load per process: run_all's runs share it
 def _diversity_encoder(setting: str):
   """The sentence encoder of eval/diversity, or None (see rl_defaults' diversity_model)."""
   if not setting:
@@ -166,8 +173,7 @@ class RLRunner:
     r = config.rl
     self.config, self.workdir = config, workdir
     self.space = r.action_space
-    if self.space not in (rollout_lib.LATENT, rollout_lib.TOKEN):
-      raise ValueError(f"rl.action_space={self.space!r} must be 'latent' or 'token'")
+    _check_spaces([self.space])
     self.algorithm = _algorithm(config)
     self.reward_fn = rewards_lib.make_reward_fn(r.judge)
     self.encoder = _diversity_encoder(r.diversity_model)
@@ -314,7 +320,7 @@ def run(config, workdir: str) -> dict:
           evaluation = eval_fn(state)
           record.update(_eval_scalars(evaluation))
           if last:
-            _write_json(os.path.join(stage_dir, "eval_final.json"), evaluation)
+            backbone_lib.write_json(os.path.join(stage_dir, "eval_final.json"), evaluation)
         if record:
           record = {"step": step, **record}
           history.append(record)
@@ -337,12 +343,6 @@ def _eval_scalars(evaluation: dict, prefix: str = "eval/") -> dict:
   return metrics_lib.scalars({k: v for k, v in evaluation.items() if k != "per_prompt"}, prefix)
 
 
-def _write_json(path: str, value) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 def _names(field: str, value: str) -> list[str]:
   names = [v.strip() for v in value.split(",") if v.strip()]
   if not names:
@@ -363,9 +363,7 @@ def run_all(config, workdir: str) -> dict:
   spaces = _names("action_space", config.rl.action_space)
   for name in algorithms:
     algos.get_algorithm(name)  # an unknown name fails before any run starts
-  bad = [s for s in spaces if s not in (rollout_lib.LATENT, rollout_lib.TOKEN)]
-  if bad:
-    raise ValueError(f"rl.action_space {bad} must be 'latent' or 'token'")
+  _check_spaces(spaces)
   metrics = {}
   for space in spaces:
     for algorithm in algorithms:
@@ -394,7 +392,7 @@ def write_summary(workdir: str) -> str:
                                                "metrics.jsonl")]
     if not (entry.startswith("rl_") and all(map(os.path.isfile, files))):
       continue
-    initial, final = (_read_json(f) for f in files[:2])
+    initial, final = (backbone_lib.read_json(f) for f in files[:2])
     evals = [r for r in metrics_lib.read_metrics(files[2]) if "eval/reward" in r]
     change = np.asarray(final["per_prompt"]) - np.asarray(initial["per_prompt"])
     runs[entry] = dict(
@@ -403,7 +401,7 @@ def write_summary(workdir: str) -> str:
         prompts=len(change), best=max(r["eval/reward"] for r in evals),
         diversity_start=initial.get("diversity"), diversity_end=final.get("diversity"),
         curve=[(r["step"], r["eval/reward"]) for r in evals])
-  _write_json(os.path.join(workdir, "rl_summary.json"), runs)
+  backbone_lib.write_json(os.path.join(workdir, "rl_summary.json"), runs)
   fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
   lines = ["| run | steps | eval reward: start | end | change (± s.e.) | best | "
            "diversity: start | end |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -420,11 +418,6 @@ def write_summary(workdir: str) -> str:
   if runs:
     _plot_rewards(runs, os.path.join(workdir, "rl_rewards.png"))
   return table
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
 
 
 def _plot_rewards(runs: dict, png_path: str) -> None:
