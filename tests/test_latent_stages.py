@@ -14,7 +14,7 @@ import pytest
 from latent_mca.data.batching import DataLoader, ZipLoader
 from latent_mca.data.processor import Processor
 from latent_mca.latent import steps as steps_lib
-from latent_mca.latent.losses import masked_mean
+from latent_mca.latent.losses import cross_entropy, masked_mean
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import data as data_lib
 from latent_mca.stages import latent
@@ -45,13 +45,13 @@ def _setup(config, workdir, stage, **latent_changes):
   return config, system, params, extra, batch
 
 
-def _one_step(config, system, params, extra, batch, stage, frozen=()):
+def _one_step(config, system, params, extra, batch, stage, frozen=(), **static):
   optimizer = config[stage].optimizer.copy_and_resolve_references()
   optimizer.update(dict(learning_rate=1e-2, schedule="constant", warmup_steps=0,
                         grad_clip_norm=0.0))
   tx = state_lib.make_optimizer(optimizer, 10, frozen=frozen)
   state = state_lib.TrainState.create(params, tx, jax.random.key(0), extra)
-  step = jax.jit(functools.partial(steps_lib.STEPS[stage], system=system))
+  step = jax.jit(functools.partial(steps_lib.STEPS[stage], system=system, **static))
   return step(state, batch, jax.random.key(1))
 
 
@@ -188,6 +188,33 @@ def test_each_stage_changes_exactly_its_parameters(smoke, stage):
   if stage == "latent_sft":  # the language model trains, the vision tower does not
     assert not any(p.startswith("backbone/visual/") for p in changed)
     assert any(p.startswith("backbone/decoder/") for p in changed)
+
+
+def test_latent_sft_conditions_on_the_policys_or_the_idms_codes(smoke):
+  config, workdir, _, _ = smoke
+  config, system, params, extra, batch = _setup(config, workdir, "latent_sft")
+  # Jitted: the batch's dummy images fail the eager-only image check (`batching`).
+  states = jax.jit(system.backbone_states)(params["backbone"], batch)
+  targets, weights = steps_lib.step_targets(batch)
+  idm = system.infer_codes(params, extra, states, weights)[0].codes
+  policy = steps_lib.policy_codes(system, params, states)
+  for name, codes in (("policy", policy), ("idm", idm)):
+    sums = jax.jit(functools.partial(steps_lib.latent_sft_sums, system, codes=name))(
+        params, extra, batch)
+    counts = np.bincount(np.asarray(codes).ravel(), np.asarray(weights).ravel(),
+                         minlength=system.config.num_codes)
+    np.testing.assert_allclose(np.asarray(sums["code_counts"]), counts, err_msg=name)
+    logits = system.world_model_logits(params, states.h,
+                                       system.code_embedding(params, extra, codes))
+    loss_sum, _ = cross_entropy(logits, targets, weights)
+    np.testing.assert_allclose(float(sums["loss_sum"]), float(loss_sum), rtol=1e-5)
+  assert not np.array_equal(np.asarray(idm), np.asarray(policy))
+  # Either way the IDM and the policy stay frozen: the stage trains the same parameters.
+  state, _ = _one_step(config, system, params, extra, batch, "latent_sft", codes="idm")
+  assert _changed_paths(params, state.params) == set(
+      state_lib.trainable_paths(params, config.latent_sft.optimizer.trainable))
+  with pytest.raises(ValueError, match="latent_sft codes"):
+    steps_lib.latent_sft_sums(system, params, extra, batch, codes="argmax")
 
 
 def test_no_projector_ablation_freezes_the_projectors(smoke):

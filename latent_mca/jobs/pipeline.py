@@ -98,12 +98,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.inverse_joint = latent.stage_defaults(150, 8, 128, 5e-4, "inverse_joint")
   c.policy_bc = latent.stage_defaults(150, 8, 128, 1e-3, "policy_bc", warmup_steps=20)
   c.latent_sft = latent.stage_defaults(150, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
+  # The demo's latent_sft conditions the world model on the IDM's codes, not the policy's
+  # argmax (SPEC): with the policy's, the world model learns to ignore the code (at 48% of
+  # reply steps all the policy's top-32 codes decode one token) and latent RL cannot move
+  # the reward. results/latent_sft_codes.md has both measured.
+  c.latent_sft.codes = "idm"
   # RL (SPEC sections 2-3): each listed algorithm in each listed action space (rl.run_all).
   c.rl = rl.rl_defaults()
   # The demo's sizes: prompts of up to 192 tokens (5% of the rl split are longer and left
-  # out), replies of up to 48 (the sft replies' length), 40 steps of 4 prompts x 8, eval
-  # on 32 fixed prompts; lr 1e-4 for the tiny model (the reference's 1e-6 is for 3B).
-  c.rl.update(dict(prompt_length=192, max_new_tokens=48, num_steps=40, eval_prompts=32))
+  # out), replies of up to 64, 40 steps of 4 prompts x 8, eval on 32 fixed prompts; lr 1e-4
+  # for the tiny model (the reference's 1e-6 is for 3B). 64, not the sft replies' ~48: the
+  # sft policy's replies average ~37 tokens, and DAPO's overlong penalty starts at
+  # 0.8 x max_new_tokens (51 here), which must lie beyond the replies the task needs.
+  c.rl.update(dict(prompt_length=192, max_new_tokens=64, num_steps=40, eval_prompts=32))
   c.rl.optimizer.learning_rate = 1e-4
   return c
 

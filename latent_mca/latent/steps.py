@@ -380,12 +380,25 @@ def policy_codes(system: LatentSystem, params, states: States):
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def latent_sft_sums(system: LatentSystem, params, extra, batch) -> dict:
-  """Sums of the world model's next-token CE on a dialogue batch, conditioned on the policy's
-  argmax code: {"loss_sum", "correct", "count"} plus "code_counts" [C] of those codes."""
+SFT_CODES = ("policy", "idm")
+
+
+def latent_sft_sums(system: LatentSystem, params, extra, batch, codes: str = "policy") -> dict:
+  """Sums of the world model's next-token CE on a dialogue batch, conditioned on the frozen
+  policy's argmax code (codes="policy", SPEC) or the frozen IDM's (codes="idm": inferred
+  from the next token, as in stages 1-3, so the world model keeps decoding each code its
+  own way): {"loss_sum", "correct", "count"} plus "code_counts" [C] of those codes."""
+  if codes not in SFT_CODES:
+    raise ValueError(f"latent_sft codes must be one of {SFT_CODES}, got {codes!r}")
   states = system.backbone_states(params[BACKBONE], batch)
   targets, weights = step_targets(batch)
-  codes = policy_codes(system, params, states)
+  if codes == "policy":
+    codes = policy_codes(system, params, states)
+  else:
+    frozen = jax.lax.stop_gradient(params)
+    idm, _ = system.infer_codes(frozen, extra, states._replace(h=jax.lax.stop_gradient(states.h)),
+                                weights)
+    codes = jax.lax.stop_gradient(idm.codes)
   action = system.code_embedding(jax.lax.stop_gradient(params), extra, codes)
   logits = system.world_model_logits(params, states.h, action)
   (loss_sum, count) = cross_entropy(logits, targets, weights)
@@ -394,13 +407,15 @@ def latent_sft_sums(system: LatentSystem, params, extra, batch) -> dict:
           "code_counts": jnp.sum(one_hot * weights[..., None], axis=(0, 1))}
 
 
-def latent_sft_step(state: TrainState, batch, rng, *, system: LatentSystem):
+def latent_sft_step(state: TrainState, batch, rng, *, system: LatentSystem,
+                    codes: str = "policy"):
   """Stage 5 on task dialogues: world-model CE on the assistant tokens, with the frozen
-  policy's argmax code as the action. Metrics: loss, accuracy, codes_used, grad_norm."""
+  policy's argmax code as the action (or the IDM's: `latent_sft_sums`). Metrics: loss,
+  accuracy, codes_used, grad_norm."""
   del rng
 
   def loss_fn(params):
-    sums = latent_sft_sums(system, params, state.extra, batch)
+    sums = latent_sft_sums(system, params, state.extra, batch, codes)
     count = jnp.maximum(sums["count"], 1.0)
     metrics = {"accuracy": sums["correct"] / count,
                "codes_used": jnp.sum(sums["code_counts"] > 0)}

@@ -6,7 +6,8 @@
   inverse_joint   half paired, half text-only: the modules of both stages above.
   policy_bc       paired + text-only: the policy clones the IDM's argmax codes.
   latent_sft      task dialogues: the backbone's language model and the world model,
-                  conditioned on the frozen policy's argmax code.
+                  conditioned on the frozen policy's argmax code (latent_sft.codes=
+                  "policy", SPEC) or the frozen IDM's ("idm").
 
 The first starts from the final backbone of `config.latent.backbone_stage` (pretrain)
 and fresh latent modules; each later one from the final checkpoint of the enabled stage
@@ -80,10 +81,15 @@ def stage_defaults(num_steps: int, batch_size: int, seq_len: int, learning_rate:
   optimizer = state_lib.optimizer_config()
   optimizer.update(dict(learning_rate=learning_rate, warmup_steps=warmup_steps,
                         final_fraction=0.1, trainable=TRAINABLE[stage]))
-  return ml_collections.ConfigDict(dict(
+  c = ml_collections.ConfigDict(dict(
       num_steps=num_steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
       eval_every=max(num_steps // 3, 1), eval_examples=64, checkpoint_every=max(num_steps // 2, 1),
       log_every=10))
+  if stage == "latent_sft":
+    # The world model's action: "policy" (SPEC: the frozen policy's argmax code) or "idm"
+    # (the frozen IDM's code, inferred from the next token as in stages 1-3).
+    c.codes = "policy"
+  return c
 
 
 def latent_config(config) -> LatentConfig:
@@ -132,13 +138,19 @@ def latent_eval_fn(system: steps_lib.LatentSystem, eval_sets: dict[str, list],
   return eval_fn
 
 
-def dialogue_eval_fn(system: steps_lib.LatentSystem, eval_sets: dict[str, list]) -> Callable:
+def dialogue_eval_fn(system: steps_lib.LatentSystem, eval_sets: dict[str, list],
+                     codes: str = "policy") -> Callable:
   """state -> {"loss", "accuracy", "loss_<task>", "accuracy_<task>", "codes_used"} of the
-  world model with the policy's codes on each task's test_in."""
-  fn = _jitted(steps_lib.latent_sft_sums, system)
+  world model with the policy's codes on each task's test_in (with codes="idm", the IDM's,
+  and the policy's as "loss_policy" and "accuracy_policy")."""
+  fn = _jitted(steps_lib.latent_sft_sums, system, codes=codes)
 
   def eval_fn(state) -> dict:
-    out, totals = {}, {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "codes": 0.0}
+    out = {}
+    if codes != "policy":
+      policy = dialogue_eval_fn(system, eval_sets)(state)
+      out.update(loss_policy=policy["loss"], accuracy_policy=policy["accuracy"])
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "codes": 0.0}
     for name, batches in eval_sets.items():
       sums = [jax.device_get(fn(state.params, state.extra, batch)) for batch in batches]
       s = {k: float(sum(b[k] for b in sums)) for k in ("loss_sum", "correct", "count")}
@@ -157,8 +169,8 @@ def dialogue_eval_fn(system: steps_lib.LatentSystem, eval_sets: dict[str, list])
 def _panels(stage: str, sets: list[str]) -> list:
   """What curves.png shows for a stage (panels whose metrics were not logged are dropped)."""
   if stage == "latent_sft":
-    return ["loss", "accuracy", "codes_used", [f"eval/loss_{s}" for s in sets],
-            [f"eval/accuracy_{s}" for s in sets]]
+    return ["loss", "accuracy", "codes_used", [f"eval/loss_{s}" for s in sets] + ["eval/loss_policy"],
+            [f"eval/accuracy_{s}" for s in sets] + ["eval/accuracy_policy"]]
   train = {
       "inverse_warmup": ["ntp_loss", "perplexity", "codes_used"],
       "cycle_warmup": [["nll_forward", "nll_inverse"]],
@@ -216,7 +228,7 @@ def run_stage(config, workdir: str, stage: str) -> dict:
     data = data_lib.sft_data(config, workdir, c)
     loader = data_lib.train_loader(data, seed=config.seed)
     eval_sets = {name: data_lib.eval_batches(data, name, c.eval_examples) for name in data.eval}
-    eval_fn = dialogue_eval_fn(system, eval_sets)
+    eval_fn = dialogue_eval_fn(system, eval_sets, c.codes)
   else:
     parts = ["paired"]
     if stage in ("inverse_joint", "policy_bc") and latent.use_text_only:
@@ -239,7 +251,8 @@ def run_stage(config, workdir: str, stage: str) -> dict:
   os.makedirs(stage_dir, exist_ok=True)
   initial = backbone_lib.cached_json(os.path.join(stage_dir, "eval_initial.json"),
                                      lambda: metrics_lib.scalars(eval_fn(state)))
-  step = functools.partial(steps_lib.STEPS[stage], system=system)
+  static = {"codes": c.codes} if stage == "latent_sft" else {}
+  step = functools.partial(steps_lib.STEPS[stage], system=system, **static)
   state, history = loop.train(stage, workdir, state, step, loader, c.num_steps, eval_fn=eval_fn,
                               eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
                               log_every=c.log_every)
