@@ -287,6 +287,12 @@ def test_overlong_shaping_three_regimes():
                                            max_length=20), [1.0, 0.5, 0.0])
   np.testing.assert_allclose(shape_rewards(grpo, jnp.ones(2), jnp.array([19, 30]),
                                            max_length=20), [1.0, 1.0])
+  # verl's penalty_factor weighs the penalty: 0.1 x (0, -0.5, -1).
+  np.testing.assert_allclose(shape_rewards(get_algorithm("dapo", overlong_penalty_factor=0.1),
+                                           jnp.ones(3), jnp.array([16, 18, 20]), max_length=20),
+                             [1.0, 0.95, 0.9], rtol=1e-6)
+  with pytest.raises(ValueError, match="overlong_penalty_factor"):
+    get_algorithm("dapo", overlong_penalty_factor=-1.0)
   with pytest.raises(ValueError, match="cache_length"):
     overlong_penalty(lengths, 10, 0)
 

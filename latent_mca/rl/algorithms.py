@@ -223,10 +223,12 @@ def overlong_penalty(lengths_n, max_length: int, cache_length: int):
   return jnp.where(length_n <= soft_start, 0.0, jnp.where(length_n <= max_length, linear_n, -1.0))
 
 
-def overlong_reward_shaping(rewards_n, lengths_n, max_length: int, cache_length: int):
-  """r + overlong_penalty(len): DAPO's overlong reward shaping."""
+def overlong_reward_shaping(rewards_n, lengths_n, max_length: int, cache_length: int,
+                            factor: float = 1.0):
+  """r + factor * overlong_penalty(len): DAPO's overlong reward shaping."""
   chex.assert_equal_shape([rewards_n, lengths_n])
-  return rewards_n.astype(jnp.float32) + overlong_penalty(lengths_n, max_length, cache_length)
+  penalty = overlong_penalty(lengths_n, max_length, cache_length)
+  return rewards_n.astype(jnp.float32) + factor * penalty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +360,8 @@ class AlgorithmConfig:
       (`select_groups_with_signal`); the loss itself is unaffected.
     overlong_shaping: whether `shape_rewards` adds DAPO's overlong penalty.
     overlong_cache_fraction: L_cache / L_max of the overlong penalty (DAPO: 4096 / 20480).
+    overlong_penalty_factor: the penalty's weight (verl's overlong_buffer.penalty_factor):
+      1 suits DAPO's +-1 rewards; rewards on a smaller scale want a smaller one.
     adv_eps: eps added to the group std (grpo advantage).
     std_ddof: ddof of the group std (grpo advantage); 1 is TRL's unbiased std.
     reward_min: reward mapped to 0 by the bnpo advantage.
@@ -375,6 +379,7 @@ class AlgorithmConfig:
   dynamic_sampling: bool = False
   overlong_shaping: bool = False
   overlong_cache_fraction: float = 0.2
+  overlong_penalty_factor: float = 1.0
   adv_eps: float = 1e-6
   std_ddof: int = 1
   reward_min: float = 0.0
@@ -393,6 +398,8 @@ class AlgorithmConfig:
       raise ValueError(f"{self.name}: eps_low, eps_high and kl_beta must be >= 0")
     if not 0.0 < self.overlong_cache_fraction <= 1.0:
       raise ValueError(f"{self.name}: overlong_cache_fraction must be in (0, 1]")
+    if self.overlong_penalty_factor < 0:
+      raise ValueError(f"{self.name}: overlong_penalty_factor must be >= 0")
 
 
 ALGORITHMS: dict[str, AlgorithmConfig] = {
@@ -436,7 +443,8 @@ def shape_rewards(algorithm: AlgorithmConfig, rewards_n, lengths_n, *, max_lengt
   if not algorithm.overlong_shaping:
     return rewards_n.astype(jnp.float32)
   cache_length = max(1, round(algorithm.overlong_cache_fraction * max_length))
-  return overlong_reward_shaping(rewards_n, lengths_n, max_length, cache_length)
+  return overlong_reward_shaping(rewards_n, lengths_n, max_length, cache_length,
+                                 algorithm.overlong_penalty_factor)
 
 
 def compute_advantages(algorithm: AlgorithmConfig, rewards_n, group_size: int):

@@ -79,6 +79,8 @@ def rl_defaults() -> ml_collections.ConfigDict:
       kl_beta=-1.0,  # -1: the algorithm's default (0.01; DAPO 0)
       token_top_layers=2,  # token space: decoder layers that train, from the top
       dapo_oversample=2,  # DAPO dynamic sampling: candidate groups per trained group
+      # DAPO's overlong penalty weight (verl's penalty_factor; 1 for DAPO's +-1 rewards)
+      overlong_penalty_factor=1.0,
       optimizer=optimizer,  # trainable "" = the action space's default (TRAINABLE)
       eval_every=10, eval_prompts=16, checkpoint_every=10, log_every=1,
       judge=rewards_lib.judge_defaults(),  # kind=programmatic | llm (with base_url, model)
@@ -93,7 +95,9 @@ def stage_name(config) -> str:
 
 
 def _algorithm(config) -> algos.AlgorithmConfig:
-  overrides = {} if config.rl.kl_beta < 0 else {"kl_beta": config.rl.kl_beta}
+  overrides = {"overlong_penalty_factor": config.rl.overlong_penalty_factor}
+  if config.rl.kl_beta >= 0:
+    overrides["kl_beta"] = config.rl.kl_beta
   return algos.get_algorithm(config.rl.algorithm, **overrides)
 
 
