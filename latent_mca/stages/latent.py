@@ -169,7 +169,8 @@ def dialogue_eval_fn(system: steps_lib.LatentSystem, eval_sets: dict[str, list],
 def _panels(stage: str, sets: list[str]) -> list:
   """What curves.png shows for a stage (panels whose metrics were not logged are dropped)."""
   if stage == "latent_sft":
-    return ["loss", "accuracy", "codes_used", [f"eval/loss_{s}" for s in sets] + ["eval/loss_policy"],
+    return ["loss", "accuracy", "codes_used",
+            [f"eval/loss_{s}" for s in sets] + ["eval/loss_policy"],
             [f"eval/accuracy_{s}" for s in sets] + ["eval/accuracy_policy"]]
   train = {
       "inverse_warmup": ["ntp_loss", "perplexity", "codes_used"],
