@@ -18,7 +18,8 @@ of them move; the steps compute the losses of SPEC section 2:
   policy_bc_step       CE of the policy's code logits against the IDM's argmax code, at
                        every step of paired and text-only data.
   latent_sft_step      task dialogues: next-token CE of the world model conditioned on the
-                       frozen policy's argmax code (the backbone and world model train).
+                       frozen policy's argmax code, or with codes="idm" the frozen IDM's
+                       (the backbone and world model train).
 
 Each is `step(state, batch, rng, *, system) -> (state, metrics)`; bind `system` with
 functools.partial to get the `(state, batch, rng)` step that `training.train` jits.
