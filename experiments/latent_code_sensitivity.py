@@ -20,7 +20,6 @@ Writes `results/latent_code_sensitivity.{json,md}`.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -31,6 +30,7 @@ from ml_collections import config_flags
 
 from latent_mca.rl import prompts as prompts_lib
 from latent_mca.rl import step as step_lib
+from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import rl
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "pipeline config")
@@ -123,8 +123,7 @@ def main(argv):
       print(key, result[key], flush=True)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   path = os.path.join(FLAGS.out_dir, "latent_code_sensitivity")
-  with open(path + ".json", "w") as f:
-    json.dump(result, f, indent=1)
+  backbone_lib.write_json(path + ".json", result)
   lines = [f"# What the latent policy can change ({FLAGS.workdir}, {FLAGS.prompts} rl-split "
            "prompts x G samples)", "",
            "| sampling | mean reward | best of G | within-group std |", "|---|---:|---:|---:|"]
