@@ -24,6 +24,7 @@ setup(
         "transformers>=5",  # tokenizers, processors, config format; no torch needed
         "jinja2",  # transformers renders chat templates with it (torch brought it in before)
         "tqdm",
+        "gymnasium",  # the card games' familiar-API wrapper (latent_mca.cards.gym)
         # Datasets as ArrayRecord files read without TensorFlow; tfds 4.9 imports
         # importlib_resources without declaring it.
         "tensorflow-datasets",
