@@ -18,6 +18,7 @@ import types
 from latent_mca.config_schema import ConfigError
 
 JOBS: dict[str, str] = {
+    "cards": "latent_mca.jobs.cards",
     "generate_demo": "latent_mca.jobs.generate_demo",
     "pipeline": "latent_mca.jobs.pipeline",
 }

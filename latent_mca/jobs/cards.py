@@ -1,0 +1,95 @@
+"""The card-games job: chain-of-thought PPO on NumberLine, EZPoints, Points24 and Blackjack.
+
+`config.stages` lists the stages of `latent_mca.stages.cards` to run, in order (all of
+them by default: expert data, tokenizer, SFT warm start, its evaluation, the latent
+action model, PPO in token and latent space, the report). Every stage writes under the
+workdir and reuses what a previous run finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from absl import logging
+
+from latent_mca.config_schema import ConfigError
+from latent_mca.jobs import pipeline
+from latent_mca.rl import ppo
+from latent_mca.stages import cards
+from latent_mca.stages import latent
+from latent_mca.training.state import optimizer_config
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults (and schema) of the cards job: the reference's PPO settings (SPEC section 4)."""
+  c = ml_collections.ConfigDict()
+  c.job = "cards"
+  c.stages = cards.ALL_STAGES
+  c.games = "numberline,ezpoints,points24,blackjack"
+  c.seed = 0
+  c.env = ml_collections.ConfigDict(dict(solvable_only=True))  # Points24: solvable deals only
+  c.image_size = 168  # the frames' side fed to the model (the games render 300x300)
+  c.max_new_tokens = 72  # response tokens per step (the experts' longest: 66; the reference: 256)
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
+  c.backbone = pipeline.default_config().backbone
+  c.expert = ml_collections.ConfigDict(dict(transitions=2048, num_envs=64))  # per game
+  sft_optimizer = optimizer_config()
+  sft_optimizer.update(dict(learning_rate=2e-3, warmup_steps=30, final_fraction=0.05,
+                            weight_decay=0.01))
+  c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=16, optimizer=sft_optimizer,
+                                         checkpoint_every=200, log_every=25))
+  c.latent = latent.latent_defaults()
+  c.latent_idm = latent.stage_defaults(200, 16, 0, 1e-3, "inverse_warmup", warmup_steps=20)
+  c.latent_bc = latent.stage_defaults(200, 16, 0, 1e-3, "policy_bc", warmup_steps=20)
+  for stage in (c.latent_idm, c.latent_bc):
+    for unused in ("seq_len", "eval_every", "eval_examples"):
+      del stage[unused]
+  # success over the last `episodes` episodes (1000 for Blackjack), as the reference counts
+  c.eval = ml_collections.ConfigDict(dict(episodes=200, blackjack_episodes=1000, num_envs=64))
+  # PPO: RL4VLM's settings (`rl.ppo.PPOConfig`: clip 0.1, value clip 0.1, value coef 0.5,
+  # gamma 0.9, GAE lambda 0.95, 4 epochs, temperature 0.2, thought coef 0.5, Adam lr 1e-5
+  # cosine to 1e-9, gradient norm 0.01), at CPU sizes: 16 environments x 8 steps per update
+  # (the reference: 1 x 512-1024), minibatches of 32 (the reference: 128). value_clip or
+  # ratio_guard <= 0 turns that clip off. trainable "" = the action space's default.
+  c.ppo = ml_collections.ConfigDict({
+      f.name: f.default for f in dataclasses.fields(ppo.PPOConfig) if f.name != "max_new_tokens"})
+  c.ppo.update(dict(num_envs=16, num_steps=8, minibatch_size=32, num_updates=8,
+                    lr_decay_updates=8, latent_top_k=32, trainable=("",)))
+  return c
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs `config.stages` in order; returns the metrics of all of them."""
+  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+  unknown = [s for s in stages if s not in cards.STAGES]
+  if unknown:
+    raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: "
+                      f"{', '.join(cards.STAGES)}")
+  cards.games(config)  # a bad games list fails before any work
+  metrics = {}
+  for stage in stages:
+    logging.info("cards stage %s", stage)
+    metrics.update(cards.STAGES[stage](config, workdir))
+  return metrics
+
+
+def smoke_config() -> ml_collections.ConfigDict:
+  """Every stage at toy sizes: a 2-layer backbone of width 32, a few steps and episodes."""
+  c = default_config()
+  c.image_size = 56
+  c.max_new_tokens = 24
+  c.expert.update(dict(transitions=16, num_envs=8))
+  c.backbone.text.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1,
+                              mrope_section=(2, 3, 3)))
+  c.backbone.vision.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                fullatt_block_indexes=(0,)))
+  c.latent.update(dict(num_codes=16, idm_layers=1, policy_layers=1))
+  for stage in (c.sft, c.latent_idm, c.latent_bc):
+    stage.update(dict(num_steps=4, batch_size=4, checkpoint_every=2, log_every=2))
+    stage.optimizer.warmup_steps = 0
+  c.eval.update(dict(episodes=4, blackjack_episodes=4, num_envs=4))
+  c.ppo.update(dict(num_envs=4, num_steps=2, minibatch_size=4, num_updates=2, epochs=2,
+                    lr_decay_updates=2))
+  return c

@@ -1,0 +1,642 @@
+"""The card games' stages (SPEC section 4): expert data, SFT warm start, PPO in both spaces.
+
+  expert      per game, the expert solver plays `expert.transitions` steps in
+              `expert.num_envs` environments; its chain-of-thought responses and the
+              states they answer are saved (workdir/expert/<game>.npz, .json). Frames are
+              rendered again from the states when batched: rendering is cheap, storing
+              300x300 frames is not.
+  tokenizer   a byte-level BPE trained on the prompts and the expert responses.
+  sft         the supervised warm start: a tiny Qwen2.5-VL trained from scratch (or
+              `backbone.checkpoint`) on every listed game's expert responses, one game per
+              batch in turn; loss on the response tokens.
+  eval_sft    the warm start alone, acting in token space: success rate over the last
+              `eval.episodes` episodes (`eval.blackjack_episodes` for Blackjack, as the
+              reference counts).
+  latent      the latent action model on the expert data, from sft's frozen backbone:
+              inverse dynamics + codebook + world model (stage 1's loss), then the
+              latent policy cloning the IDM's codes (stage 4's).
+  ppo_token   PPO per game from sft, training the backbone and the value head.
+  ppo_latent  PPO per game from `latent`, training the latent policy and the value head
+              (the world model decodes, frozen).
+  report      workdir/cards_results.md (+ .json): success rates beside the reference's.
+
+PPO follows RL4VLM: `ppo.num_steps` steps of `ppo.num_envs` environments per update,
+GAE, `ppo.epochs` epochs of clipped PPO over minibatches, log pi = thought_coef *
+thoughts + action (`cards.agent`). Its success rate is over the last episodes finished
+in training, as the reference reports it. Each PPO run checkpoints after every update
+and resumes from the last one (its environments then start fresh episodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import transformers
+from absl import logging
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from latent_mca.cards import agent as agent_lib
+from latent_mca.cards import envs as envs_lib
+from latent_mca.cards import experts
+from latent_mca.cards import parser
+from latent_mca.cards import prompts as prompts_lib
+from latent_mca.config_schema import ConfigError
+from latent_mca.data.processor import Processor
+from latent_mca.data.image_processing import ImageProcessorConfig
+from latent_mca.data.tokenizers import IM_END, train_bpe_tokenizer
+from latent_mca.latent import steps as steps_lib
+from latent_mca.models import qwen2_5_vl
+from latent_mca.rl import ppo as ppo_lib
+from latent_mca.rl import rollout as rollout_lib
+from latent_mca.stages import backbone as backbone_lib
+from latent_mca.stages import latent as latent_lib
+from latent_mca.training import checkpoint, loop, metrics as metrics_lib, state as state_lib
+
+SFT, LATENT_IDM, LATENT_BC = "sft", "latent_idm", "latent_bc"
+# RL4VLM's success rates (%, LLaVA-1.6-7B; SPEC section 4).
+REFERENCE = {
+    "RL4VLM": dict(numberline=89.4, ezpoints=50.0, points24=2.3, blackjack=40.2),
+    "SFT only": dict(numberline=24.8, ezpoints=23.0, points24=2.6, blackjack=23.1),
+    "GPT-4V": dict(numberline=65.5, ezpoints=10.5, points24=0.0, blackjack=25.5),
+    "CNN + RL": dict(numberline=87.1, ezpoints=0.0, points24=0.0, blackjack=38.8),
+}
+
+
+def games(config) -> list[str]:
+  names = [g.strip() for g in config.games.split(",") if g.strip()]
+  unknown = [g for g in names if g not in envs_lib.GAMES]
+  if unknown or not names:
+    raise ConfigError(f"config.games: {unknown or 'none given'}; choose from "
+                      f"{', '.join(envs_lib.GAMES)}")
+  return names
+
+
+def make_env(config, game: str):
+  options = {"solvable_only": config.env.solvable_only} if game == "points24" else {}
+  return envs_lib.make(game, **options)
+
+
+def _json(path: str):
+  return backbone_lib.read_json(path)
+
+
+# ----------------------------------------------------------------------------- expert data
+
+
+def _expert_paths(workdir: str, game: str) -> tuple[str, str]:
+  base = os.path.join(workdir, "expert", game)
+  return base + ".npz", base + ".json"
+
+
+def expert(config, workdir: str) -> dict:
+  """Plays every game with its expert and saves the states and responses (once)."""
+  out = {}
+  for game in games(config):
+    npz, meta = _expert_paths(workdir, game)
+    if not os.path.isfile(meta):
+      _write_expert(config, game, npz, meta)
+    info = _json(meta)
+    out.update({f"expert/{game}/{k}": info[k] for k in ("transitions", "episodes",
+                                                        "success_rate")})
+  return out
+
+
+def _write_expert(config, game: str, npz: str, meta: str) -> None:
+  env = make_env(config, game)
+  n, steps = config.expert.num_envs, -(-config.expert.transitions // config.expert.num_envs)
+  key = jax.random.fold_in(jax.random.key(config.seed), envs_lib.GAMES.index(game))
+  state = jax.jit(jax.vmap(env.reset_state))(jax.random.split(key, n))
+  step = jax.jit(jax.vmap(env.step_autoreset))
+  states, texts, outcomes = [], [], []
+  for t in tqdm(range(steps), desc=f"expert {game}", leave=False):
+    host = jax.device_get(state)
+    actions = []
+    for i in range(n):
+      text, action = experts.expert_response(game, env.describe(
+          jax.tree.map(lambda x: x[i], host)))
+      texts.append(text)
+      actions.append(env.actions.index(action))
+    states.append(host)
+    keys = jax.random.split(jax.random.fold_in(key, t + 1), n)
+    _, state, _, done, info = step(keys, state, jnp.asarray(actions, jnp.int32))
+    done, success = np.asarray(done), np.asarray(info["success"])
+    outcomes += success[done].tolist()
+  leaves = [np.concatenate([jax.tree.leaves(s)[k] for s in states])
+            for k in range(len(jax.tree.leaves(states[0])))]
+  os.makedirs(os.path.dirname(npz), exist_ok=True)
+  tmp = npz + ".tmp.npz"
+  np.savez(tmp, *leaves)
+  os.replace(tmp, npz)
+  backbone_lib.write_json(meta, {"game": game, "transitions": len(texts),
+                                 "episodes": len(outcomes),
+                                 "success_rate": float(np.mean(outcomes)) if outcomes else 0.0,
+                                 "responses": texts})
+
+
+class ExpertData:
+  """One game's expert transitions: states (batched pytree) and response texts."""
+
+  def __init__(self, config, workdir: str, game: str):
+    npz, meta = _expert_paths(workdir, game)
+    if not os.path.isfile(meta):
+      raise checkpoint.CheckpointNotFoundError(meta, "expert", "run the expert stage first")
+    self.game, self.env = game, make_env(config, game)
+    template = self.env.reset_state(jax.random.key(0))
+    with np.load(npz) as f:
+      leaves = [f[f"arr_{k}"] for k in range(len(f.files))]
+    self.states = jax.tree.unflatten(jax.tree.structure(template), leaves)
+    self.texts = _json(meta)["responses"]
+    self.observe = jax.jit(jax.vmap(self.env.observe))
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+  def frames(self, index: np.ndarray):
+    return self.observe(jax.tree.map(lambda x: x[index], self.states))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_dir(workdir: str) -> str:
+  return os.path.join(workdir, "tokenizer")
+
+
+def tokenizer(config, workdir: str) -> dict:
+  """Trains (once) the BPE on the prompts and every expert response."""
+  folder = tokenizer_dir(workdir)
+  if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    texts = []
+    for game in envs_lib.GAMES:  # every game's: one tokenizer fits any later games list
+      _, meta = _expert_paths(workdir, game)
+      texts.append(prompts_lib.prompt(game))
+      if os.path.isfile(meta):
+        texts += _json(meta)["responses"]
+    tok = train_bpe_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
+    tok.save_pretrained(folder + ".tmp")
+    os.replace(folder + ".tmp", folder)
+  return {"tokenizer/size": len(load_processor(config, workdir).tokenizer)}
+
+
+@functools.cache
+def _cached_tokenizer(folder: str, mtime: float):
+  return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_processor(config, workdir: str) -> Processor:
+  """The processor of the cards' tokenizer, one frame = (image_size / 14)^2 patches."""
+  folder = config.backbone.checkpoint or tokenizer_dir(workdir)
+  path = os.path.join(folder, "tokenizer.json")
+  if not os.path.isfile(path):
+    raise checkpoint.CheckpointNotFoundError(folder, "tokenizer", "run the tokenizer stage first")
+  area = config.image_size ** 2
+  return Processor(_cached_tokenizer(folder, os.path.getmtime(path)),
+                   image_config=ImageProcessorConfig(min_pixels=area, max_pixels=area))
+
+
+# ----------------------------------------------------------------------------- model & layout
+
+
+class Layout:
+  """Token layout shared by SFT and RL: prompts left-padded to one length, then responses."""
+
+  def __init__(self, config, processor: Processor, names: Sequence[str]):
+    self.processor, self.image_size = processor, config.image_size
+    self.max_new_tokens = config.max_new_tokens
+    ids = {g: agent_lib.game_prompt_ids(processor, g, config.image_size) for g in names}
+    self.prompt_length = max(len(v) for v in ids.values())
+    pad = processor.pad_token_id
+    self.prompts = {g: agent_lib.left_pad(v, self.prompt_length, pad) for g, v in ids.items()}
+    self.im_end = processor.tokenizer.convert_tokens_to_ids(IM_END)
+
+  def response_ids(self, text: str) -> np.ndarray:
+    ids = self.processor.tokenizer(text + IM_END)["input_ids"]
+    return np.asarray(ids[:self.max_new_tokens], np.int32)
+
+  def sft_batch(self, data: ExpertData, index: np.ndarray) -> dict:
+    """input_ids / attention_mask / loss_mask [B, T + M] and the frames' patches."""
+    from latent_mca.cards import pixels as pixels_lib  # noqa: PLC0415 (keeps imports light)
+    b, m, pad = len(index), self.max_new_tokens, self.processor.pad_token_id
+    prompt_ids, prompt_mask = self.prompts[data.game]
+    ids = np.full((b, m), pad, np.int32)
+    mask = np.zeros((b, m), np.int32)
+    for row, i in enumerate(index):
+      r = self.response_ids(data.texts[i])
+      ids[row, :len(r)], mask[row, :len(r)] = r, 1
+    pixel_values, grid = pixels_lib.frames_to_pixels(data.frames(index), self.image_size)
+    return {"input_ids": np.concatenate([np.tile(prompt_ids, (b, 1)), ids], 1),
+            "attention_mask": np.concatenate([np.tile(prompt_mask, (b, 1)), mask], 1),
+            "loss_mask": np.concatenate([np.zeros((b, self.prompt_length), np.int32), mask], 1),
+            "pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+def model_config(config, processor: Processor) -> qwen2_5_vl.Qwen2_5_VLConfig:
+  return backbone_lib.model_config(config, processor)
+
+
+class _ExpertLoader:
+  """SFT batches: game (step mod #games), rows drawn with a key of (seed, step). Resumable."""
+
+  def __init__(self, layout: Layout, data: list[ExpertData], batch_size: int, seed: int,
+               wrap=None):
+    self.layout, self.data, self.batch_size, self.seed = layout, data, batch_size, seed
+    self.wrap, self.step = wrap or (lambda b: b), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    data = self.data[self.step % len(self.data)]
+    rng = np.random.default_rng([self.seed, self.step])
+    self.step += 1
+    return self.wrap(self.layout.sft_batch(data, rng.integers(0, len(data), self.batch_size)))
+
+  def state(self) -> dict:
+    return {"step": self.step}
+
+  def restore(self, state: dict) -> None:
+    self.step = int(state["step"])
+
+
+def _setup(config, workdir: str):
+  names = games(config)
+  processor = load_processor(config, workdir)
+  layout = Layout(config, processor, envs_lib.GAMES)
+  model_cfg = model_config(config, processor)
+  return names, processor, layout, model_cfg
+
+
+def sft(config, workdir: str) -> dict:
+  """The supervised warm start on every listed game's expert responses."""
+  names, processor, layout, model_cfg = _setup(config, workdir)
+  c = config.sft
+  data = [ExpertData(config, workdir, g) for g in names]
+  if config.backbone.checkpoint:
+    params = qwen2_5_vl.load_params(config.backbone.checkpoint, model_cfg)
+  else:
+    params = qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
+  model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
+  tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
+  state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
+  loader = _ExpertLoader(layout, data, c.batch_size, config.seed)
+  _, history = loop.train(SFT, workdir, state, functools.partial(backbone_lib.train_step,
+                                                                 model=model),
+                          loader, c.num_steps, checkpoint_every=c.checkpoint_every,
+                          log_every=c.log_every)
+  stage_dir = os.path.join(workdir, SFT)
+  metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
+                           os.path.join(stage_dir, "curves.png"), ["loss", "accuracy"])
+  return {f"sft/{k}": v for k, v in loop.final_metrics(history).items()}
+
+
+def _sft_backbone(workdir: str, model_cfg):
+  abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
+  return checkpoint.load_params(os.path.join(workdir, SFT), abstract)
+
+
+# ----------------------------------------------------------------------------- latent model
+
+
+def latent(config, workdir: str) -> dict:
+  """Stage 1 (IDM, codebook, world model) then stage 4 (policy BC) on the expert data."""
+  names, processor, layout, model_cfg = _setup(config, workdir)
+  system = steps_lib.LatentSystem.build(model_cfg, latent_lib.latent_config(config))
+  data = [ExpertData(config, workdir, g) for g in names]
+  out, start = {}, None
+  for stage, step_fn in ((LATENT_IDM, steps_lib.inverse_warmup_step),
+                         (LATENT_BC, steps_lib.policy_bc_step)):
+    c = config[stage]
+    if start is None:
+      params, extra = system.init(_sft_backbone(workdir, model_cfg), jax.random.key(config.seed))
+    else:
+      params, extra = start
+    tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
+    state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed), extra)
+    loader = _ExpertLoader(layout, data, c.batch_size, config.seed + 1,
+                           wrap=lambda b: {"paired": {"image": b}})
+    state, history = loop.train(stage, workdir, state, functools.partial(step_fn, system=system),
+                                loader, c.num_steps, checkpoint_every=c.checkpoint_every,
+                                log_every=c.log_every)
+    start = (state.params, state.extra)
+    out.update({f"{stage}/{k}": v for k, v in loop.final_metrics(history).items()})
+  return out
+
+
+def _latent_variables(config, workdir: str, system, model_cfg):
+  abstract_backbone = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
+  params, extra = system.abstract(abstract_backbone)
+  loaded = checkpoint.load_final(os.path.join(workdir, LATENT_BC),
+                                 {"params": params, "extra": extra})
+  return loaded["params"], loaded["extra"]
+
+
+# ----------------------------------------------------------------------------- acting
+
+
+class Actor:
+  """One game's environments acting with the agent in one space, batched and jitted."""
+
+  def __init__(self, config, workdir: str, game: str, space: str):
+    _, processor, layout, model_cfg = _setup(config, workdir)
+    self.config, self.game, self.space, self.layout = config, game, space, layout
+    self.env = make_env(config, game)
+    self.system = steps_lib.LatentSystem.build(model_cfg, latent_lib.latent_config(config))
+    p = config.ppo
+    self.agent = agent_lib.AgentConfig(
+        self.system, ppo_lib.ValueHead(), ppo_config(config), space=space,
+        temperature=p.temperature)
+    latent_space = space == rollout_lib.LATENT
+    sampling = rollout_lib.SamplingConfig(
+        group_size=1, max_new_tokens=config.max_new_tokens, temperature=p.temperature,
+        top_k=p.latent_top_k if latent_space else 0,
+        stop_token_ids=tuple(model_cfg.eos_token_id), pad_token_id=model_cfg.pad_token_id or 0)
+    self.devices = jax.device_count()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    self.rollout = rollout_lib.sharded_rollout(self.system, mesh, space=space, sampling=sampling)
+    self.env_step = jax.jit(jax.vmap(self.env.step_autoreset))
+    self.env_reset = jax.jit(jax.vmap(self.env.reset))
+    # The game's own prompt, unpadded: left padding to the longest game's (as in the SFT
+    # batches) changes no result, only the cost.
+    ids = agent_lib.game_prompt_ids(processor, game, config.image_size)
+    self.prompt_ids, self.prompt_mask = ids, np.ones(len(ids), np.int32)
+    self.model_cfg = model_cfg
+
+  def start_variables(self, workdir: str, rng) -> tuple[dict, dict]:
+    """(params with a fresh value head, extra) of the space's warm start."""
+    if self.space == rollout_lib.TOKEN:
+      params, extra = self.system.init(_sft_backbone(workdir, self.model_cfg), rng)
+    else:
+      params, extra = _latent_variables(self.config, workdir, self.system, self.model_cfg)
+    params = dict(params, **{agent_lib.VALUE_HEAD: agent_lib.init_value_head(self.agent, rng)})
+    return params, extra
+
+  def reset(self, rng, num_envs: int):
+    obs, state = self.env_reset(jax.random.split(rng, num_envs))
+    return obs, state
+
+  def act(self, params, extra, obs, rng, np_rng):
+    """(transition fields of one step, action indices, parse fallbacks) for a batch of frames."""
+    prompts = agent_lib.prompt_batch(self.prompt_ids, self.prompt_mask, obs,
+                                     self.layout.image_size, shards=self.devices)
+    out = self.rollout(params, extra, prompts, rng)
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    texts = rollout_lib.response_texts(out, self.layout.processor.tokenizer.decode)
+    index, fallback = parser.parse_actions(texts, self.env.actions, np_rng)
+    thought, action = _span_masks(self.layout.processor.tokenizer, tokens, mask)
+    logp = np.asarray(out.logp)
+    coef = self.config.ppo.thought_coef
+    values = np.asarray(agent_lib.prompt_values(self.agent, params, prompts))
+    fields = {"frames": np.asarray(obs), "tokens": tokens, "mask": mask,
+              "actions": np.asarray(out.actions), "thought_mask": thought,
+              "action_mask": action,
+              "old_logp": (coef * (logp * thought).sum(1) + (logp * action).sum(1)),
+              "old_values": values}
+    return fields, index, fallback, texts
+
+
+def _span_masks(tokenizer, tokens: np.ndarray, mask: np.ndarray):
+  thought = np.zeros(tokens.shape, np.float32)
+  action = np.zeros(tokens.shape, np.float32)
+  for row in range(tokens.shape[0]):
+    n = int(mask[row].sum())
+    t, a = parser.action_token_mask(tokenizer, tokens[row, :n].tolist())
+    thought[row, :n], action[row, :n] = t, a
+  return thought, action
+
+
+def ppo_config(config) -> ppo_lib.PPOConfig:
+  """`config.ppo` as a PPOConfig (value_clip / ratio_guard <= 0: off)."""
+  fields = {f.name for f in dataclasses.fields(ppo_lib.PPOConfig)}
+  values = {k: v for k, v in config.ppo.items() if k in fields}
+  for name in ("value_clip", "ratio_guard"):
+    if values[name] <= 0:
+      values[name] = None
+  return ppo_lib.PPOConfig(max_new_tokens=config.max_new_tokens, **values)
+
+
+class Episodes:
+  """Outcomes of finished episodes, in the order they finish."""
+
+  def __init__(self, outcomes=(), returns=()):
+    self.outcomes, self.returns = list(outcomes), list(returns)
+
+  def add(self, done: np.ndarray, success: np.ndarray, ret: np.ndarray) -> None:
+    self.outcomes += [bool(s) for s in success[done]]
+    self.returns += [float(r) for r in ret[done]]
+
+  def success_rate(self, last: int) -> float:
+    window = self.outcomes[-last:]
+    return 100.0 * float(np.mean(window)) if window else float("nan")
+
+
+def window(config, game: str) -> int:
+  return config.eval.blackjack_episodes if game == "blackjack" else config.eval.episodes
+
+
+def _rollout_steps(actor: Actor, params, extra, obs, env_state, steps: int, rng, np_rng,
+                   episodes: Episodes, ret: np.ndarray):
+  """Plays `steps` steps; returns (transitions [steps, E, ...], obs, env_state, ret, stats)."""
+  fields, rewards, dones, fallbacks = [], [], [], []
+  for t in range(steps):
+    act_rng, env_rng = jax.random.split(jax.random.fold_in(rng, t))
+    f, index, fallback, _ = actor.act(params, extra, obs, act_rng, np_rng)
+    keys = jax.random.split(env_rng, obs.shape[0])
+    obs, env_state, reward, done, info = actor.env_step(keys, env_state,
+                                                        jnp.asarray(index, jnp.int32))
+    reward, done = np.asarray(reward, np.float32), np.asarray(done)
+    ret = ret + reward
+    episodes.add(done, np.asarray(info["success"]), ret)
+    ret = np.where(done, 0.0, ret)
+    fields.append(f)
+    rewards.append(reward)
+    dones.append(done)
+    fallbacks.append(fallback)
+  stacked = {k: np.stack([f[k] for f in fields]) for k in fields[0]}
+  stacked.update(rewards=np.stack(rewards), dones=np.stack(dones).astype(np.float32))
+  return stacked, obs, env_state, ret, float(np.mean(fallbacks))
+
+
+def eval_sft(config, workdir: str) -> dict:
+  """The warm start alone, per game: success over the last `window` episodes played."""
+  out = {}
+  for game in games(config):
+    path = os.path.join(workdir, game, "eval_sft.json")
+    if not os.path.isfile(path):
+      actor = Actor(config, workdir, game, rollout_lib.TOKEN)
+      rng = jax.random.fold_in(jax.random.key(config.seed), 7)
+      params, extra = actor.start_variables(workdir, rng)
+      need, n = window(config, game), config.eval.num_envs
+      obs, env_state = actor.reset(rng, n)
+      episodes, ret = Episodes(), np.zeros(n, np.float32)
+      np_rng = np.random.default_rng([config.seed, 7])
+      fallback, chunks = [], 0
+      with tqdm(total=need, desc=f"eval_sft {game}") as bar:
+        while len(episodes.outcomes) < need:
+          _, obs, env_state, ret, fb = _rollout_steps(
+              actor, params, extra, obs, env_state, 1, jax.random.fold_in(rng, chunks), np_rng,
+              episodes, ret)
+          fallback.append(fb)
+          chunks += 1
+          bar.update(min(need, len(episodes.outcomes)) - bar.n)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      backbone_lib.write_json(path, {"success_rate": episodes.success_rate(need),
+                                     "episodes": len(episodes.outcomes), "window": need,
+                                     "random_action_rate": float(np.mean(fallback))})
+    result = _json(path)
+    out[f"{game}/sft/success_rate"] = result["success_rate"]
+  return out
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def _flatten(transitions: dict) -> dict:
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in transitions.items()}
+
+
+def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
+  p = config.ppo
+  name = f"ppo_{space}"
+  stage_dir = os.path.join(workdir, game, name)
+  result_path = os.path.join(stage_dir, "result.json")
+  if os.path.isfile(result_path):
+    return _json(result_path)
+  os.makedirs(stage_dir, exist_ok=True)
+  actor = Actor(config, workdir, game, space)
+  rng = jax.random.fold_in(jax.random.key(config.seed), 11)
+  params, extra = actor.start_variables(workdir, rng)
+  pcfg = actor.agent.ppo
+  optimizer, horizon = ppo_lib.ppo_optimizer_config(pcfg)
+  optimizer.trainable = tuple(t for t in p.trainable if t) or agent_lib.TRAINABLE[space]
+  n_items = pcfg.batch_size
+  tx = state_lib.make_optimizer(optimizer, horizon)
+  state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed), extra)
+  step = jax.jit(functools.partial(agent_lib.ppo_step, config=actor.agent), donate_argnums=0)
+  need = window(config, game)
+  history, episodes = [], Episodes()
+  log = metrics_lib.MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
+  with checkpoint.Checkpointer(stage_dir) as ckpt:
+    start = 0
+    if ckpt.latest_step() is not None:
+      restored = ckpt.restore(state)
+      state, start, history = restored.state, restored.step, restored.history
+      episodes = Episodes(restored.loader_state["outcomes"], restored.loader_state["returns"])
+    log.reset(history)
+    obs, env_state = actor.reset(jax.random.fold_in(rng, 1000 + start), p.num_envs)
+    ret = np.zeros(p.num_envs, np.float32)
+    with tqdm(total=p.num_updates, initial=start, desc=f"{game} {name}") as bar:
+      for update in range(start + 1, p.num_updates + 1):
+        update_rng = jax.random.fold_in(rng, update)
+        np_rng = np.random.default_rng([config.seed, update])
+        transitions, obs, env_state, ret, fallback = _rollout_steps(
+            actor, state.params, state.extra, obs, env_state, p.num_steps, update_rng, np_rng,
+            episodes, ret)
+        prompts = agent_lib.prompt_batch(actor.prompt_ids, actor.prompt_mask, obs,
+                                         actor.layout.image_size, shards=actor.devices)
+        last_value = agent_lib.prompt_values(actor.agent, state.params, prompts)
+        advantages, returns = ppo_lib.advantages_and_returns(
+            pcfg, jnp.asarray(transitions["rewards"]), jnp.asarray(transitions["old_values"]),
+            jnp.asarray(transitions["dones"]), last_value)
+        transitions.update(advantages=np.asarray(advantages), returns=np.asarray(returns))
+        flat = _flatten(transitions)
+        flat["prompt_ids"] = np.tile(actor.prompt_ids, (n_items, 1))
+        flat["prompt_mask"] = np.tile(actor.prompt_mask, (n_items, 1))
+        sums: dict[str, list] = {}
+        order = np.asarray(ppo_lib.minibatch_indices(jax.random.fold_in(update_rng, 1),
+                                                     n_items, pcfg.minibatch_size, pcfg.epochs))
+        for epoch, minibatches in enumerate(order):
+          for index in minibatches:
+            batch = agent_lib.update_batch(flat, index, actor.layout.image_size)
+            state, metrics = step(state, batch, jax.random.fold_in(update_rng, epoch))
+            for key, value in metrics_lib.scalars(metrics).items():
+              sums.setdefault(key, []).append(value)
+        record = {"step": update, **{k: float(np.mean(v)) for k, v in sums.items()},
+                  "reward_mean": float(transitions["rewards"].mean()),
+                  "random_action_rate": fallback, "episodes": len(episodes.outcomes),
+                  "success_rate": episodes.success_rate(need)}
+        history.append(record)
+        log.append(record)
+        ckpt.save(update, state, loader_state={"outcomes": episodes.outcomes,
+                                               "returns": episodes.returns},
+                  history=list(history), num_steps=p.num_updates)
+        bar.set_postfix(success=f"{record['success_rate']:.1f}", refresh=False)
+        bar.update(1)
+  metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
+                           os.path.join(stage_dir, "curves.png"),
+                           ["success_rate", "reward_mean", "value_loss", "policy_loss"])
+  result = {"success_rate": episodes.success_rate(need), "episodes": len(episodes.outcomes),
+            "window": need, "updates": p.num_updates,
+            "env_steps": p.num_updates * n_items}
+  backbone_lib.write_json(result_path, result)
+  return result
+
+
+def ppo_token(config, workdir: str) -> dict:
+  return {f"{g}/ppo_token/success_rate": _ppo_run(config, workdir, g, rollout_lib.TOKEN)[
+      "success_rate"] for g in games(config)}
+
+
+def ppo_latent(config, workdir: str) -> dict:
+  return {f"{g}/ppo_latent/success_rate": _ppo_run(config, workdir, g, rollout_lib.LATENT)[
+      "success_rate"] for g in games(config)}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+ROWS = (("SFT only", "eval_sft.json"), ("token PPO", "ppo_token/result.json"),
+        ("latent PPO", "ppo_latent/result.json"))
+TITLES = {"numberline": "NumberLine", "ezpoints": "EZPoints", "points24": "Points24",
+          "blackjack": "Blackjack"}
+
+
+def report(config, workdir: str) -> dict:
+  """workdir/cards_results.md and .json: our success rates beside the reference's."""
+  names = games(config)
+  table, out = {}, {}
+  for label, rel in ROWS:
+    for game in names:
+      path = os.path.join(workdir, game, rel)
+      if os.path.isfile(path):
+        table.setdefault(label, {})[game] = _json(path)
+  lines = ["# Card games: success rate (%)", "",
+           "Ours: a tiny Qwen2.5-VL trained from scratch (config in config.json); success over "
+           "the last " f"{config.eval.episodes} episodes ({config.eval.blackjack_episodes} for "
+           "Blackjack), as the reference counts. Reference: RL4VLM with LLaVA-1.6-7B (SPEC "
+           "section 4).", "",
+           "| method | " + " | ".join(TITLES[g] for g in names) + " |",
+           "|---|" + "---:|" * len(names)]
+  for label, _ in ROWS:
+    cells = []
+    for game in names:
+      r = table.get(label, {}).get(game)
+      r = r if r is not None and r["episodes"] else None
+      cells.append("—" if r is None else f"{r['success_rate']:.1f} ({r['episodes']} ep.)")
+      if r is not None:
+        out[f"{game}/{label}"] = r["success_rate"]
+    lines.append(f"| ours: {label} | " + " | ".join(cells) + " |")
+  for label, values in REFERENCE.items():
+    lines.append(f"| reference: {label} | " + " | ".join(f"{values[g]:.1f}" for g in names)
+                 + " |")
+  path = os.path.join(workdir, "cards_results.md")
+  with open(path + ".tmp", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(path + ".tmp", path)
+  backbone_lib.write_json(os.path.join(workdir, "cards_results.json"), table)
+  logging.info("cards results:\n%s", "\n".join(lines))
+  return {f"report/{k}": v for k, v in out.items()}
+
+
+STAGES = {"expert": expert, "tokenizer": tokenizer, "sft": sft, "eval_sft": eval_sft,
+          "latent": latent, "ppo_token": ppo_token, "ppo_latent": ppo_latent, "report": report}
+ALL_STAGES = ",".join(STAGES)

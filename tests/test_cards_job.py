@@ -1,0 +1,73 @@
+"""The cards job end to end at toy sizes (configs/cards.py:smoke), and its config errors."""
+
+import json
+import os
+
+import pytest
+
+from configs import cards as cards_configs
+from latent_mca.config_schema import ConfigError
+from latent_mca.jobs import cards as cards_job
+from latent_mca.stages import cards
+from latent_mca.training.checkpoint import CheckpointNotFoundError
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("cards"))
+  config = cards_configs.get_config("smoke")
+  config.games = "blackjack"
+  return config, workdir, cards_job.run(config, workdir)
+
+
+def test_every_stage_writes_its_outputs(smoke_run):
+  config, workdir, metrics = smoke_run
+  expert = json.load(open(os.path.join(workdir, "expert", "blackjack.json")))
+  assert expert["transitions"] == len(expert["responses"]) == 16
+  assert all('"action": "' in text for text in expert["responses"])
+  for path in ("tokenizer/tokenizer.json", "sft/metrics.jsonl", "latent_bc/metrics.jsonl",
+               "blackjack/eval_sft.json", "blackjack/ppo_token/metrics.jsonl",
+               "blackjack/ppo_latent/metrics.jsonl", "cards_results.md"):
+    assert os.path.isfile(os.path.join(workdir, path)), path
+  for space in ("token", "latent"):
+    result = json.load(open(os.path.join(workdir, "blackjack", f"ppo_{space}", "result.json")))
+    # 2 updates x 2 steps x 4 environments; a Blackjack episode lasts 1-3 steps.
+    assert result["env_steps"] == 16 and result["episodes"] >= 4
+    assert 0.0 <= result["success_rate"] <= 100.0
+    assert metrics[f"blackjack/ppo_{space}/success_rate"] == result["success_rate"]
+    lines = open(os.path.join(workdir, "blackjack", f"ppo_{space}", "metrics.jsonl")).readlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_the_report_sets_ours_beside_the_reference(smoke_run):
+  _, workdir, _ = smoke_run
+  table = open(os.path.join(workdir, "cards_results.md")).read()
+  for row in ("ours: SFT only", "ours: token PPO", "ours: latent PPO", "reference: RL4VLM"):
+    assert f"| {row} |" in table
+  assert "| reference: RL4VLM | 40.2 |" in table  # Blackjack's reference number
+
+
+def test_a_second_run_reuses_every_stage(smoke_run):
+  config, workdir, metrics = smoke_run
+  again = cards_job.run(config, workdir)
+  assert again == metrics
+
+
+def test_bad_games_and_stages_are_config_errors(tmp_path):
+  config = cards_configs.get_config("smoke")
+  config.games = "numberline,poker"
+  with pytest.raises(ConfigError, match="poker"):
+    cards_job.run(config, str(tmp_path))
+  config.games = "numberline"
+  config.stages = "expert,train"
+  with pytest.raises(ConfigError, match="train"):
+    cards_job.run(config, str(tmp_path))
+  with pytest.raises(ValueError, match="unknown argument"):
+    cards_configs.get_config("poker")
+
+
+def test_a_stage_without_its_inputs_names_them(tmp_path):
+  config = cards_configs.get_config("smoke")
+  config.games = "numberline"
+  with pytest.raises(CheckpointNotFoundError, match="tokenizer"):
+    cards.sft(config, str(tmp_path))
