@@ -36,8 +36,18 @@ def _agent(system, space):
                                space=space, temperature=0.7)
 
 
+@functools.cache
+def _logprobs_fn(agent):
+  return jax.jit(functools.partial(agent_lib.step_logprobs, agent))
+
+
+@pytest.fixture(scope="module")
+def acted(tiny):
+  """space -> (agent, params with a value head, extra, prompts, rollout, learner batch)."""
+  return {space: _act(tiny, space) for space in ("token", "latent")}
+
+
 def _act(tiny, space):
-  """(agent, params with a value head, extra, prompts, rollout, learner batch)."""
   system, params, extra, ids, frames = tiny
   agent = _agent(system, space)
   params = dict(params, value_head=agent_lib.init_value_head(agent, jax.random.key(3)))
@@ -65,25 +75,25 @@ def _act(tiny, space):
 
 
 @pytest.mark.parametrize("space", ["token", "latent"])
-def test_learner_recomputes_the_samplers_sequence_logprob(tiny, space):
-  agent, params, _, _, out, batch = _act(tiny, space)
+def test_learner_recomputes_the_samplers_sequence_logprob(acted, space):
+  agent, params, _, _, out, batch = acted[space]
   assert np.asarray(out.mask).sum() > ENVS  # real responses, more than one step each
-  logp, _, _ = jax.jit(functools.partial(agent_lib.step_logprobs, agent))(params, batch)
+  logp, _, _ = _logprobs_fn(agent)(params, batch)
   np.testing.assert_allclose(np.asarray(logp) * np.asarray(out.mask), np.asarray(out.logp),
                              atol=2e-4)
   seq = ppo.sequence_logprob(logp, batch["thought_mask"], batch["action_mask"], 0.5)
   np.testing.assert_allclose(np.asarray(seq), batch["old_logp"], atol=1e-3)
 
 
-def test_the_value_reads_the_last_prompt_token_only(tiny):
-  agent, params, _, prompts, _, batch = _act(tiny, "token")
+def test_the_value_reads_the_last_prompt_token_only(acted):
+  agent, params, _, prompts, _, batch = acted["token"]
   values = agent_lib.prompt_values(agent, params, prompts)
   other = dict(batch, input_ids=batch["input_ids"].copy())
   other["input_ids"][:, -NEW:] = 7  # another response: V(s) must not see it
   other["attention_mask"] = batch["attention_mask"].copy()
   other["attention_mask"][:, -NEW:] = 1
   for b in (batch, other):
-    _, _, v = jax.jit(functools.partial(agent_lib.step_logprobs, agent))(params, b)
+    _, _, v = _logprobs_fn(agent)(params, b)
     np.testing.assert_allclose(np.asarray(v), np.asarray(values), atol=1e-4)
 
 
@@ -98,8 +108,8 @@ def _changed(before, after) -> set[str]:
     ("latent", {"policy", "value_head"}),
     ("token", {BACKBONE, "value_head"}),
 ])
-def test_a_ppo_step_trains_what_its_space_says(tiny, space, trained):
-  agent, params, extra, _, _, batch = _act(tiny, space)
+def test_a_ppo_step_trains_what_its_space_says(acted, space, trained):
+  agent, params, extra, _, _, batch = acted[space]
   opt = state_lib.optimizer_config()
   opt.update(learning_rate=1e-2, trainable=agent_lib.TRAINABLE[space])
   state = state_lib.TrainState.create(params, state_lib.make_optimizer(opt, 4),

@@ -20,6 +20,9 @@ def smoke_run(tmp_path_factory):
   return config, workdir, cards_job.run(config, workdir)
 
 
+# The whole job compiles about a dozen programs (3-4 min on 2 CPU cores, 10 with the cores
+# shared): slow. Its pieces run in CI: tests/test_card_*.py, test_cards_agent.py, test_rl_ppo.py.
+@pytest.mark.slow
 def test_every_stage_writes_its_outputs(smoke_run):
   config, workdir, metrics = smoke_run
   expert = json.load(open(os.path.join(workdir, "expert", "blackjack.json")))
@@ -39,6 +42,7 @@ def test_every_stage_writes_its_outputs(smoke_run):
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
+@pytest.mark.slow
 def test_the_report_sets_ours_beside_the_reference(smoke_run):
   _, workdir, _ = smoke_run
   table = open(os.path.join(workdir, "cards_results.md")).read()
@@ -47,6 +51,7 @@ def test_the_report_sets_ours_beside_the_reference(smoke_run):
   assert "| reference: RL4VLM | 40.2 |" in table  # Blackjack's reference number
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_every_stage(smoke_run):
   config, workdir, metrics = smoke_run
   again = cards_job.run(config, workdir)

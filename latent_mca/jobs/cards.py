@@ -50,12 +50,13 @@ def default_config() -> ml_collections.ConfigDict:
   # PPO: RL4VLM's settings (`rl.ppo.PPOConfig`: clip 0.1, value clip 0.1, value coef 0.5,
   # gamma 0.9, GAE lambda 0.95, 4 epochs, temperature 0.2, thought coef 0.5, Adam lr 1e-5
   # cosine to 1e-9, gradient norm 0.01), at CPU sizes: 16 environments x 8 steps per update
-  # (the reference: 1 x 512-1024), minibatches of 32 (the reference: 128). value_clip or
-  # ratio_guard <= 0 turns that clip off. trainable "" = the action space's default.
+  # (the reference: 1 x 512-1024), minibatches of 32 (the reference: 128), 6 updates (the
+  # reference: 14-29). value_clip or ratio_guard <= 0 turns that clip off; trainable ""
+  # is the action space's default (`cards.agent.TRAINABLE`).
   c.ppo = ml_collections.ConfigDict({
       f.name: f.default for f in dataclasses.fields(ppo.PPOConfig) if f.name != "max_new_tokens"})
-  c.ppo.update(dict(num_envs=16, num_steps=8, minibatch_size=32, num_updates=8,
-                    lr_decay_updates=8, latent_top_k=32, trainable=("",)))
+  c.ppo.update(dict(num_envs=16, num_steps=8, minibatch_size=32, num_updates=6,
+                    lr_decay_updates=6, latent_top_k=32, trainable=("",)))
   return c
 
 
@@ -80,12 +81,7 @@ def smoke_config() -> ml_collections.ConfigDict:
   c.image_size = 56
   c.max_new_tokens = 24
   c.expert.update(dict(transitions=16, num_envs=8))
-  c.backbone.text.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1,
-                              mrope_section=(2, 3, 3)))
-  c.backbone.vision.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                                fullatt_block_indexes=(0,)))
-  c.latent.update(dict(num_codes=16, idm_layers=1, policy_layers=1))
+  pipeline.smoke_model(c)
   for stage in (c.sft, c.latent_idm, c.latent_bc):
     stage.update(dict(num_steps=4, batch_size=4, checkpoint_every=2, log_every=2))
     stage.optimizer.warmup_steps = 0

@@ -129,12 +129,7 @@ def smoke_config() -> ml_collections.ConfigDict:
   c.data.update(dict(paired_train=40, paired_test=8, text_train=40, text_test=8,
                      dialogue_in=40, dialogue_out=8))
   c.tokenizer.vocab_size = 2000  # the small corpus gives fewer: dialogues fit sft's seq_len
-  c.backbone.text.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1,
-                              mrope_section=(2, 3, 3)))
-  c.backbone.vision.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                                fullatt_block_indexes=(0,)))
-  c.latent.update(dict(num_codes=16, idm_layers=1, policy_layers=1))
+  smoke_model(c)
   c.rl.update(dict(num_steps=4, prompts_per_step=2, group_size=4, max_new_tokens=16,
                    prompt_length=256, eval_every=0, eval_prompts=4, checkpoint_every=2,
                    token_top_layers=1))
@@ -146,6 +141,17 @@ def smoke_config() -> ml_collections.ConfigDict:
                          eval_examples=8, checkpoint_every=steps // 3, log_every=2))
     c[stage].optimizer.update(dict(learning_rate=1e-2, warmup_steps=0))
   return c
+
+
+def smoke_model(c: ml_collections.ConfigDict) -> None:
+  """Shrinks `c.backbone` and `c.latent` in place to the smoke tests' sizes: a 2-layer
+  backbone of width 32, a 1-block vision tower, 16 codes and 1-layer latent heads."""
+  c.backbone.text.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1,
+                              mrope_section=(2, 3, 3)))
+  c.backbone.vision.update(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                fullatt_block_indexes=(0,)))
+  c.latent.update(dict(num_codes=16, idm_layers=1, policy_layers=1))
 
 
 _NOT_TEXT = ("id", "image_path")  # identifiers and serialised scenes, not language
