@@ -625,6 +625,12 @@ def report(config, workdir: str) -> dict:
       if r is not None:
         out[f"{game}/{label}"] = r["success_rate"]
     lines.append(f"| ours: {label} | " + " | ".join(cells) + " |")
+  experts_row = []
+  for game in names:
+    _, meta = _expert_paths(workdir, game)
+    experts_row.append(f"{100 * _json(meta)['success_rate']:.1f}" if os.path.isfile(meta)
+                       else "—")
+  lines.append("| expert solver (the SFT data) | " + " | ".join(experts_row) + " |")
   for label, values in REFERENCE.items():
     lines.append(f"| reference: {label} | " + " | ".join(f"{values[g]:.1f}" for g in names)
                  + " |")
