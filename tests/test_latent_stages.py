@@ -311,6 +311,10 @@ def test_step_targets_count_learned_transitions():
 # ----------------------------------------------------------------------------- resume
 
 
+# Slow (~1 min alone, the suite's second longest): the latent stages resume through
+# `training.loop.train`, whose bit-exact resume CI tests in test_training_loop.py and with
+# pretrain in test_backbone_stages.py.
+@pytest.mark.slow
 def test_killed_latent_stage_resumes_to_the_uninterrupted_params(smoke, tmp_path, monkeypatch):
   config, workdir, _, _ = smoke
   stage = "inverse_joint"  # Gumbel noise, two zipped loaders, the projector terms

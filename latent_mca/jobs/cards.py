@@ -50,13 +50,13 @@ def default_config() -> ml_collections.ConfigDict:
   # PPO: RL4VLM's settings (`rl.ppo.PPOConfig`: clip 0.1, value clip 0.1, value coef 0.5,
   # gamma 0.9, GAE lambda 0.95, 4 epochs, temperature 0.2, thought coef 0.5, Adam lr 1e-5
   # cosine to 1e-9, gradient norm 0.01), at CPU sizes: 16 environments x 8 steps per update
-  # (the reference: 1 x 512-1024), minibatches of 32 (the reference: 128), 6 updates (the
+  # (the reference: 1 x 512-1024), minibatches of 32 (the reference: 128), 4 updates (the
   # reference: 14-29). value_clip or ratio_guard <= 0 turns that clip off; trainable ""
   # is the action space's default (`cards.agent.TRAINABLE`).
   c.ppo = ml_collections.ConfigDict({
       f.name: f.default for f in dataclasses.fields(ppo.PPOConfig) if f.name != "max_new_tokens"})
-  c.ppo.update(dict(num_envs=16, num_steps=8, minibatch_size=32, num_updates=6,
-                    lr_decay_updates=6, latent_top_k=32, trainable=("",)))
+  c.ppo.update(dict(num_envs=16, num_steps=8, minibatch_size=32, num_updates=4,
+                    lr_decay_updates=4, latent_top_k=32, trainable=("",)))
   return c
 
 
