@@ -122,8 +122,9 @@ def _value(config: AgentConfig, params, h_last):
 @functools.partial(jax.jit, static_argnames="config")
 def prompt_values(config: AgentConfig, params, prompts: dict):
   """V(s) [B] of a prompt batch (from `prompt_batch`): the value head on its last token."""
-  batch = dict(prompts, pixel_values=prompts["pixel_values"].reshape(
-      -1, prompts["pixel_values"].shape[-1]), image_grid_thw=prompts["image_grid_thw"].reshape(-1, 3))
+  pixel_values = prompts["pixel_values"]
+  batch = dict(prompts, pixel_values=pixel_values.reshape(-1, pixel_values.shape[-1]),
+               image_grid_thw=prompts["image_grid_thw"].reshape(-1, 3))
   states = _states(config, params, batch)
   return _value(config, params, states.h[:, -1])
 

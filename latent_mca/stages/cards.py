@@ -33,14 +33,13 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import transformers
 from absl import logging
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -49,6 +48,7 @@ from latent_mca.cards import agent as agent_lib
 from latent_mca.cards import envs as envs_lib
 from latent_mca.cards import experts
 from latent_mca.cards import parser
+from latent_mca.cards import pixels as pixels_lib
 from latent_mca.cards import prompts as prompts_lib
 from latent_mca.config_schema import ConfigError
 from latent_mca.data.processor import Processor
@@ -59,6 +59,7 @@ from latent_mca.models import qwen2_5_vl
 from latent_mca.rl import ppo as ppo_lib
 from latent_mca.rl import rollout as rollout_lib
 from latent_mca.stages import backbone as backbone_lib
+from latent_mca.stages import data as data_lib
 from latent_mca.stages import latent as latent_lib
 from latent_mca.training import checkpoint, loop, metrics as metrics_lib, state as state_lib
 
@@ -188,19 +189,14 @@ def tokenizer(config, workdir: str) -> dict:
   return {"tokenizer/size": len(load_processor(config, workdir).tokenizer)}
 
 
-@functools.cache
-def _cached_tokenizer(folder: str, mtime: float):
-  return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
 def load_processor(config, workdir: str) -> Processor:
   """The processor of the cards' tokenizer, one frame = (image_size / 14)^2 patches."""
-  folder = config.backbone.checkpoint or tokenizer_dir(workdir)
-  path = os.path.join(folder, "tokenizer.json")
-  if not os.path.isfile(path):
+  folder = tokenizer_dir(workdir)
+  if not config.backbone.checkpoint and not os.path.isfile(
+      os.path.join(folder, "tokenizer.json")):
     raise checkpoint.CheckpointNotFoundError(folder, "tokenizer", "run the tokenizer stage first")
   area = config.image_size ** 2
-  return Processor(_cached_tokenizer(folder, os.path.getmtime(path)),
+  return Processor(data_lib.load_tokenizer(config, workdir),
                    image_config=ImageProcessorConfig(min_pixels=area, max_pixels=area))
 
 
@@ -225,7 +221,6 @@ class Layout:
 
   def sft_batch(self, data: ExpertData, index: np.ndarray) -> dict:
     """input_ids / attention_mask / loss_mask [B, T + M] and the frames' patches."""
-    from latent_mca.cards import pixels as pixels_lib  # noqa: PLC0415 (keeps imports light)
     b, m, pad = len(index), self.max_new_tokens, self.processor.pad_token_id
     prompt_ids, prompt_mask = self.prompts[data.game]
     ids = np.full((b, m), pad, np.int32)
@@ -238,10 +233,6 @@ class Layout:
             "attention_mask": np.concatenate([np.tile(prompt_mask, (b, 1)), mask], 1),
             "loss_mask": np.concatenate([np.zeros((b, self.prompt_length), np.int32), mask], 1),
             "pixel_values": pixel_values, "image_grid_thw": grid}
-
-
-def model_config(config, processor: Processor) -> qwen2_5_vl.Qwen2_5_VLConfig:
-  return backbone_lib.model_config(config, processor)
 
 
 class _ExpertLoader:
@@ -272,7 +263,7 @@ def _setup(config, workdir: str):
   names = games(config)
   processor = load_processor(config, workdir)
   layout = Layout(config, processor, envs_lib.GAMES)
-  model_cfg = model_config(config, processor)
+  model_cfg = backbone_lib.model_config(config, processor)
   return names, processor, layout, model_cfg
 
 
