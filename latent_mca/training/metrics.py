@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import time
 from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+
+from latent_mca.training import tensorboard
 
 
 def scalars(metrics: Mapping, prefix: str = "") -> dict:
@@ -33,22 +37,67 @@ def scalars(metrics: Mapping, prefix: str = "") -> dict:
 
 
 class MetricsLog:
-  """Appends metric records to a JSON-lines file, one flushed line per record."""
+  """Appends metric records to a JSON-lines file, one flushed line per record.
+
+  Each record with an integer "step" is mirrored as TensorBoard scalars at that step in
+  `tb/` beside the file (`latent_mca.training.tensorboard`: non-numeric values are left
+  out there); a record without one goes to the JSON file only. The folder belongs to
+  this log: `reset` replaces its event files.
+  """
 
   def __init__(self, path: str):
     self.path = path
+    self.tb_dir = os.path.join(os.path.dirname(path), "tb")
+    self._events: str | None = None  # the event file appends go to; made by the first
 
   def reset(self, history: Sequence[Mapping]) -> None:
-    """Makes the file hold exactly `history`, replacing it whole (no torn or repeated lines)."""
+    """Makes the file hold exactly `history`, replacing it whole (no torn or repeated lines),
+    and `tb/` one event file of exactly `history` (old event files removed)."""
     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(json.dumps(record) + "\n" for record in history)
     os.replace(tmp, self.path)
 
+    os.makedirs(self.tb_dir, exist_ok=True)
+    old = [os.path.join(self.tb_dir, name) for name in os.listdir(self.tb_dir)
+           if tensorboard.is_event_file(name) or name.endswith(".tmp")]
+    now = time.time()
+    # Written under a name TensorBoard ignores (no "tfevents"), then renamed into place.
+    tmp = os.path.join(self.tb_dir, f".reset.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+      f.write(tensorboard.file_header(now))
+      f.writelines(self._tb_record(record, now) for record in history)
+    events = os.path.join(self.tb_dir, tensorboard.event_file_name(now))
+    os.replace(tmp, events)
+    for stale in old:
+      if stale not in (tmp, events):
+        try:
+          os.remove(stale)
+        except FileNotFoundError:
+          pass
+    self._events = events
+
   def append(self, record: Mapping) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    event = self._tb_record(record)
+    if event:
+      if self._events is None:  # no reset in this process: a new file beside any old ones
+        os.makedirs(self.tb_dir, exist_ok=True)
+        self._events = os.path.join(self.tb_dir, tensorboard.event_file_name())
+        event = tensorboard.file_header() + event
+      with open(self._events, "ab") as f:
+        f.write(event)
+
+  @staticmethod
+  def _tb_record(record: Mapping, wall_time: float | None = None) -> bytes:
+    """A record as a framed TensorBoard event; b"" without an integer step or a number."""
+    step = record.get("step")
+    if not isinstance(step, numbers.Integral) or isinstance(step, bool):
+      return b""
+    values = {k: v for k, v in record.items() if k != "step"}
+    return tensorboard.encode_scalars(int(step), values, wall_time)
 
 
 def read_metrics(path: str) -> list[dict]:
