@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -15,118 +14,8 @@ import tensorflow_datasets as tfds
 from latent_mca.data import real
 from latent_mca.data import tfds_builders
 from latent_mca.data.image_processing import load_image
-
-PROFILE_FIELDS = ("introduction", "personality", "experience", "relationship", "catchphrase")
-
-
-def _write_json(path, data):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(data, f, ensure_ascii=False, indent=2)
-
-
-def _write_image(path, seed, mode="RGB", fmt="PNG"):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  rng = np.random.default_rng(seed)
-  channels = {"RGB": 3, "RGBA": 4}[mode]
-  pixels = rng.integers(0, 256, size=(6 + seed, 9, channels), dtype=np.uint8)
-  PIL.Image.fromarray(pixels, mode).save(path, format=fmt)
-
-
-def _profile(name):
-  return {field: f"{name} {field}" for field in PROFILE_FIELDS}
-
-
-def _human(text):
-  return {"from": "human", "value": text}
-
-
-def _says(speaker, text):
-  return {"role": speaker, "value": text}
-
-
-@pytest.fixture
-def mmrole_root(tmp_path):
-  """Three characters (two in-distribution, one out) in the MMRole_dataset layout."""
-  root = tmp_path / "MMRole_dataset"
-  images = {"COCO/train2017/000000000001.jpg": ("RGB", "JPEG"),
-            "COCO/train2017/000000000002.jpg": ("RGB", "PNG"),
-            "Harry_Potter/01.jpg": ("RGBA", "PNG"),
-            "The_Big_Bang_Theory/01.jpg": ("RGB", "PNG")}
-  for seed, (name, (mode, fmt)) in enumerate(images.items()):
-    _write_image(root / "images" / name, seed, mode, fmt)
-  for dist, names in (("in-distribution", ["Harry_Potter", "Albus_Dumbledore"]),
-                      ("out-of-distribution", ["Sheldon_Cooper"])):
-    for name in names:
-      _write_json(root / "profiles" / dist / "detailed_profiles" / f"{name}.json", _profile(name))
-    _write_json(root / "profiles" / dist / "profiles.json",
-                {n.replace("_", " "): "summary" for n in names})
-  ind = root / "dialogues" / "in-distribution"
-  _write_json(ind / "comment" / "Harry_Potter_COCO.json", [
-      {"id": "Harry_Potter_comment_COCO_0", "image": "COCO/train2017/000000000001.jpg",
-       "conversations": [_human("What do you feel?"), _says("Harry Potter", "Adventure!")]},
-      # The published files hold questions whose answer was filtered out.
-      {"id": "Harry_Potter_comment_COCO_1", "image": "COCO/train2017/000000000002.jpg",
-       "conversations": [_human("And now?")]},
-  ])
-  _write_json(ind / "comment" / "Harry_Potter_script.json", [
-      {"id": "Harry_Potter_comment_script_0", "image": "Harry_Potter/01.jpg",
-       "role_info": "Harry Potter and his mother.", "place_info": "Harry Potter's home",
-       "scene_info": "They are attacked.",
-       "conversations": [_human("How does this make you feel?"), _says("Harry Potter", "Scared.")]},
-  ])
-  _write_json(ind / "human-role" / "Harry_Potter_COCO.json", [
-      {"id": "Harry_Potter_human-role-dialogue_COCO_0", "image": "COCO/train2017/000000000002.jpg",
-       "conversations": [_says("human", "Look, Harry!"), _says("Harry Potter", "Blimey."),
-                         _says("human", "A tie?"), _says("Harry Potter", "Just a tie.")]},
-  ])
-  _write_json(ind / "inter-role" / "Albus_Dumbledore_COCO.json", [
-      {"id": "Albus_Dumbledore_role-role-dialogue_COCO_0", "image": "COCO/train2017/000000000001.jpg",
-       "conversations": [_says("Harry Potter", "It's a pizza, Professor."),
-                         _says("Albus Dumbledore", "Fascinating!")]},
-  ])
-  ood = root / "dialogues" / "out-of-distribution"
-  _write_json(ood / "comment.json", [
-      {"id": "Sheldon_Cooper_comment_COCO", "image": "COCO/train2017/000000000002.jpg",
-       "conversations": [_human("Thoughts?"), _says("Sheldon Cooper", "Bazinga!")]},
-      {"id": "Sheldon_Cooper_comment_script", "image": "The_Big_Bang_Theory/01.jpg",
-       "role_info": "Penny", "place_info": "Apartment", "scene_info": "",
-       "conversations": [_human("Feelings?"), _says("Sheldon Cooper", "None.")]},
-  ])
-  _write_json(ood / "human-role.json", [
-      {"id": "Sheldon_Cooper_human-role-dialogue_COCO_0", "image": "COCO/train2017/000000000001.jpg",
-       "conversations": [_says("human", "Hi"), _says("Sheldon Cooper", "That's my spot.")]},
-  ])
-  _write_json(ood / "inter-role.json", [])
-  return root
-
-
-def _pcog_instance(query, roles, image, **extra):
-  return {"individual_RoleSet": roles, "query": query, "image": {"file_path": image},
-          "eval_info": {"sub_set": "x", "individual": "Ind-1", "location": "Home",
-                        "ImageDesc": f"scene of {query}", "EvalHelp": "- **calm** down"},
-          **extra}
-
-
-@pytest.fixture
-def pcog_root(tmp_path):
-  """A PCogAlignBench folder with its version_v4 files and images."""
-  root = tmp_path / "PCogAlignBench"
-  bench = root / "version_v4"
-  for seed, name in enumerate(["a.png", "b.png"]):
-    _write_image(bench / "images" / "Home" / name, seed + 3)
-  child = {"Home": "Child", "School": "Student"}
-  grandma = {"Home": "Grandma", "Airport": "Passenger"}
-  _write_json(bench / "HCMAS-train.json", [_pcog_instance("Help, fire!", child, "images/Home/a.png"),
-                                           _pcog_instance("Is it safe?", grandma, "images/Home/b.png")])
-  _write_json(bench / "HCMAS-test.json", [_pcog_instance("Where now?", child, "images/Home/b.png")])
-  _write_json(bench / "HCSHR-train.json", [{"individual_RoleSet": grandma, "query": "No eval info",
-                                            "image": {"file_path": "images/Home/a.png"}}])
-  _write_json(bench / "HCSHR-test.json", [_pcog_instance("Late?", grandma, "images/Home/a.png")])
-  _write_json(bench / "HCMAS-golden-test.json", [
-      _pcog_instance("Where now?", child, "images/Home/b.png",
-                     golden_response="Stay calm, go outside.")])
-  return root
+from tests.real_data_fixtures import (mmrole_root, pcog_root,  # noqa: F401 (pytest fixtures)
+                                      profile, write_json)
 
 
 def _by_id(examples):
@@ -143,7 +32,7 @@ def test_read_mmrole_in_distribution(mmrole_root, caplog):
   assert any("Harry_Potter_COCO.json: dropped 1 dialogue" in r.getMessage() for r in caplog.records)
 
   comment = examples["Harry_Potter_comment_COCO_0"]
-  assert comment["character"] == {"name": "Harry Potter", **_profile("Harry_Potter")}
+  assert comment["character"] == {"name": "Harry Potter", **profile("Harry_Potter")}
   assert comment["image_path"] == str(mmrole_root / "images" / "COCO/train2017/000000000001.jpg")
   assert comment["dialogue"] == [
       {"role": "user", "speaker": "human", "text": "What do you feel?"},
@@ -173,7 +62,7 @@ def test_read_mmrole_out_of_distribution(mmrole_root):
   assert sorted(examples) == ["Sheldon_Cooper_comment_COCO", "Sheldon_Cooper_comment_script",
                               "Sheldon_Cooper_human-role-dialogue_COCO_0"]
   script = examples["Sheldon_Cooper_comment_script"]
-  assert script["character"] == {"name": "Sheldon Cooper", **_profile("Sheldon_Cooper")}
+  assert script["character"] == {"name": "Sheldon Cooper", **profile("Sheldon_Cooper")}
   assert script["distribution"] == "out"
   assert script["scene"]["place_info"] == "Apartment"
   assert script["image_path"].endswith(os.path.join("images", "The_Big_Bang_Theory", "01.jpg"))
@@ -232,11 +121,11 @@ def test_malformed_json_names_the_file(mmrole_root, pcog_root):
 
 def test_wrong_shapes_name_the_file(mmrole_root, pcog_root):
   profile = mmrole_root / "profiles" / "in-distribution" / "detailed_profiles" / "Albus_Dumbledore.json"
-  _write_json(profile, {"introduction": "only this"})
+  write_json(profile, {"introduction": "only this"})
   with pytest.raises(real.DataError, match=f"{profile}: field 'personality' must be a string"):
     list(real.read_mmrole(mmrole_root, "in_distribution"))
   path = pcog_root / "version_v4" / "HCMAS-test.json"
-  _write_json(path, [{"individual_RoleSet": ["Child"], "query": "q", "image": {"file_path": "a"}}])
+  write_json(path, [{"individual_RoleSet": ["Child"], "query": "q", "image": {"file_path": "a"}}])
   with pytest.raises(real.DataError, match=f"{path}: instance 0: 'individual_RoleSet' must be"):
     list(real.read_pcogalign(pcog_root, "hcmas_test"))
 

@@ -137,6 +137,30 @@ def smart_resize(height: int,
   return h_bar, w_bar
 
 
+def square_size(side: int, config: ImageProcessorConfig = ImageProcessorConfig()) -> tuple[int, int]:
+  """The (height, width) the processor resizes a side x side image to."""
+  return smart_resize(side, side, config.factor, config.min_pixels, config.max_pixels)
+
+
+def fitted_size(height: int, width: int, side: int,
+                config: ImageProcessorConfig = ImageProcessorConfig()) -> tuple[int, int]:
+  """A size to store a height x width image at so that the processor keeps it as it is and
+  it has no more patches than a side x side image (`square_size`).
+
+  It is `smart_resize` with the square's area as max_pixels (sides multiples of 28, aspect
+  ratio kept); where that size would still not do (below min_pixels, so the processor would
+  enlarge it again, or above the area for a very elongated image), the square's size.
+
+  Raises:
+    ImageError: a side is not positive, or the aspect ratio exceeds 200.
+  """
+  square = square_size(side, config)
+  area = square[0] * square[1]
+  size = smart_resize(height, width, config.factor, config.min_pixels, area)
+  kept = smart_resize(*size, config.factor, config.min_pixels, config.max_pixels) == size
+  return size if kept and size[0] * size[1] <= area else square
+
+
 def load_image(path_or_bytes: Union[str, os.PathLike, bytes, bytearray, memoryview]) -> PIL.Image.Image:
   """Decodes an image file (a path, or its encoded bytes) into an RGB PIL image.
 

@@ -89,7 +89,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,16 @@ def _require_dir(path: str, what: str) -> None:
     raise DataError(f"{path}: missing folder ({what})")
 
 
+def check_layout(layout: list[tuple[str, bool, str]]) -> None:
+  """Raises DataError naming the first missing folder or file of a layout (`mmrole_layout`,
+  `pcogalign_layout`), in the readers' words."""
+  for path, is_dir, what in layout:
+    if is_dir:
+      _require_dir(path, what)
+    elif not os.path.isfile(path):
+      raise DataError(f"{path}: file not found ({what})")
+
+
 def _image(images_root: str, relative: Any, where: str) -> str:
   """Absolute path of an image the dataset refers to; it must exist."""
   if not isinstance(relative, str) or not relative:
@@ -202,15 +212,43 @@ def read_mmrole(root: str | os.PathLike, split: str, *, skip_bad: bool = False) 
     raise ValueError(f"unknown MMRole split {split!r}; expected one of {sorted(MMROLE_SPLITS)}")
   root = os.fspath(root)
   folder, distribution = MMROLE_SPLITS[split]
-  dialogues_dir = os.path.join(root, MMROLE_KEYS["dialogues_dir"], folder)
-  profiles_dir = os.path.join(root, MMROLE_KEYS["profiles_dir"], folder,
-                              MMROLE_KEYS["detailed_profiles_dir"])
-  images_dir = os.path.join(root, MMROLE_KEYS["images_dir"])
+  dialogues_dir, profiles_dir, images_dir = _mmrole_dirs(root, split)
   _require_dir(root, "the MMRole dataset root")
   _require_dir(dialogues_dir, f"MMRole {folder} dialogues")
   _require_dir(profiles_dir, f"MMRole {folder} character profiles")
   _require_dir(images_dir, "MMRole images")
   return _iter_mmrole(root, split, distribution, dialogues_dir, profiles_dir, images_dir, skip_bad)
+
+
+def _mmrole_dirs(root: str, split: str) -> tuple[str, str, str]:
+  """(dialogues folder, detailed profiles folder, images folder) of one MMRole split."""
+  folder = MMROLE_SPLITS[split][0]
+  return (os.path.join(root, MMROLE_KEYS["dialogues_dir"], folder),
+          os.path.join(root, MMROLE_KEYS["profiles_dir"], folder,
+                       MMROLE_KEYS["detailed_profiles_dir"]),
+          os.path.join(root, MMROLE_KEYS["images_dir"]))
+
+
+def mmrole_layout(root: str | os.PathLike) -> list[tuple[str, bool, str]]:
+  """What `read_mmrole` reads of the published layout for both splits, as (path, is_dir, what).
+
+  The in-distribution dialogue files are whatever each type's folder holds, so the
+  folders are listed; the out-of-distribution ones are one file per type.
+  """
+  root = os.fspath(root)
+  layout = [(root, True, "the MMRole dataset root")]
+  for split, (folder, distribution) in MMROLE_SPLITS.items():
+    dialogues_dir, profiles_dir, images_dir = _mmrole_dirs(root, split)
+    layout.append((profiles_dir, True, f"MMRole {folder} character profiles"))
+    for dialogue_type in MMROLE_DIALOGUE_TYPES:
+      if distribution == "out":
+        layout.append((os.path.join(dialogues_dir, dialogue_type + ".json"), False,
+                       f"MMRole {folder} {dialogue_type} dialogues"))
+      else:
+        layout.append((os.path.join(dialogues_dir, dialogue_type), True,
+                       f"MMRole {folder} {dialogue_type} dialogues"))
+  layout.append((images_dir, True, "MMRole images"))
+  return layout
 
 
 def _mmrole_files(dialogues_dir: str, distribution: str,
@@ -358,6 +396,14 @@ def pcogalign_dir(root: str | os.PathLike) -> str:
   root = os.fspath(root)
   versioned = os.path.join(root, PCOGALIGN_KEYS["version_dir"])
   return versioned if os.path.isdir(versioned) else root
+
+
+def pcogalign_layout(root: str | os.PathLike, splits: Iterable[str]) -> list[tuple[str, bool, str]]:
+  """What `read_pcogalign` reads for these splits, as (path, is_dir, what) (see `check_layout`)."""
+  folder = pcogalign_dir(root)
+  return [(folder, True, "the PCogAlignBench root")] + [
+      (os.path.join(folder, PCOGALIGN_SPLITS[split][0]), False, f"PCogAlignBench {split}")
+      for split in splits]
 
 
 def read_pcogalign(root: str | os.PathLike, split: str, *, skip_bad: bool = False) -> Iterator[dict]:

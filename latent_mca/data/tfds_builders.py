@@ -23,21 +23,31 @@ never imported (only `as_dataset()`, unused here, would need it).
 (the synthetic paired, text-only, role-play and personalised sets): a
 subclass lists its splits and features and yields plain-dict examples.
 `MMRole` and `PCogAlignBench` are the two reference benchmarks, read from a
-local copy (the manual dir) by `latent_mca.data.real`.
+local copy (the manual dir) by `latent_mca.data.real`, in their own splits.
+`MMRoleTask` and `PCogAlignBenchTask` are the same benchmarks as the pipeline's
+dialogue tasks (`config.data.mmrole_dir` / `pcogalign_dir`): the synthetic tasks'
+sft / rl / test_in / test_out splits, images sized for the stages' batches.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+import functools
+import hashlib
 import io
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from latent_mca import tasks
 from latent_mca.data import real
-from latent_mca.data.image_processing import load_image
+from latent_mca.data.image_processing import fitted_size, load_image
+
+logger = logging.getLogger(__name__)
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -238,3 +248,174 @@ class PCogAlignBench(_ManualDirBuilder):
   def examples(self, split: str) -> Iterator[dict]:
     for example in real.read_pcogalign(self._root, split, skip_bad=self._skip_bad):
       yield self._stored(example)
+
+
+# ----------------------------------------------------------------------------- pipeline tasks
+
+
+@dataclasses.dataclass(eq=False)
+class BenchmarkConfig(tfds.core.BuilderConfig):
+  """root: the benchmark folder; image_size: the side of the stages' image budget;
+  skip_bad: skip (and log) bad files and examples, as in `real`."""
+
+  root: str = ""
+  image_size: int = 56
+  skip_bad: bool = False
+
+
+def fitted_png(path: str, side: int) -> bytes:
+  """The image file at `path` as the model pipeline converts it, resized to
+  `fitted_size(..., side)` where it is not that size already, as lossless PNG.
+
+  Raises:
+    real.DataError: the file is missing or not a decodable image.
+  """
+  try:
+    image = load_image(path)
+    height, width = fitted_size(image.height, image.width, side)
+  except ValueError as e:  # load_image's and smart_resize's ImageError
+    raise real.DataError(f"{path}: cannot decode image: {e}") from e
+  if (image.height, image.width) != (height, width):
+    image = image.resize((width, height), PIL.Image.BICUBIC)  # the processor's resampling
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+class _BenchmarkTask(ExamplesBuilder):
+  """A real benchmark as one of the pipeline's dialogue tasks: the splits `tasks.SPLITS`
+  (sft / rl / test_in / test_out) in the reader's schema, plus `image`.
+
+  Subclasses name the folders and files they read (`layout`) and each split's examples
+  (`split_examples`). An example the stages cannot train or be scored on, one whose chat
+  `MESSAGES` refuses (no reference reply, or no user turn before it), is dropped and
+  counted in an INFO log line; a split left empty is a DataError. Images are stored at
+  `fitted_size` for config.image_size, so none takes more patches than the stages' batches
+  hold for it (`stages.data.image_budget`); `image_path` is relative to the root. Build
+  one with `for_folder`: its config's name holds the settings and a digest of the
+  folder's path and JSON files (size, mtime), so changed data builds anew.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  SPLITS = tasks.SPLITS
+  MESSAGES = staticmethod(tasks.roleplay_messages)  # the task's chat messages
+  SOURCES: dict[str, str] = {}  # split -> where its examples come from, for messages
+
+  def __init__(self, *, config: BenchmarkConfig, **kwargs):
+    super().__init__(config=config, **kwargs)
+
+  @classmethod
+  @abc.abstractmethod
+  def layout(cls, root: str) -> list[tuple[str, bool, str]]:
+    """The folders and files read under root, as (path, is_dir, what) (`real.check_layout`)."""
+
+  @abc.abstractmethod
+  def split_examples(self, split: str) -> Iterable[dict]:
+    """The reader's examples that make up `split`."""
+
+  @classmethod
+  def for_folder(cls, root: str, image_size: int, skip_bad: bool, data_dir: str):
+    """The builder over the benchmark in `root`, its data under data_dir.
+
+    Raises:
+      real.DataError: a folder or file of `layout` is missing (the message names it).
+    """
+    root = os.path.abspath(root)
+    layout = cls.layout(root)
+    real.check_layout(layout)
+    stats = []
+    for path, is_dir, _ in layout:
+      files = ([os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".json")]
+               if is_dir else [path])
+      stats += [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    digest = hashlib.sha256(repr((root, stats)).encode()).hexdigest()[:16]
+    name = f"px{image_size}_{'skipbad_' if skip_bad else ''}{digest}"
+    config = BenchmarkConfig(name=name, root=root, image_size=image_size, skip_bad=skip_bad)
+    return cls(config=config, data_dir=data_dir)
+
+  def examples(self, split: str) -> Iterator[dict]:
+    cfg = self.builder_config
+    kept = dropped = 0
+    for example in self.split_examples(split):
+      try:
+        self.MESSAGES(example, include_reply=True)
+      except ValueError:
+        dropped += 1
+        continue
+      kept += 1
+      yield {**example, "image": fitted_png(example["image_path"], cfg.image_size),
+             "image_path": os.path.relpath(example["image_path"], cfg.root)}
+    if dropped:
+      logger.info("%s %s: dropped %d example(s) without a reference reply or a user turn "
+                  "before it", self.name, split, dropped)
+    if not kept:
+      raise real.DataError(f"{cfg.root}: no usable example for split {split!r} "
+                           f"({self.SOURCES[split]}; {dropped} dropped)")
+
+
+class MMRoleTask(_BenchmarkTask):
+  """MMRole as the pipeline's role-play task.
+
+  The release's dialogues have no train/test split (`real`), so `tasks.split_of`'s rule
+  makes them: in-distribution characters' dialogues go to sft / rl / test_in (50 / 40 /
+  10%) by a hash of their id, the out-of-distribution characters' are test_out.
+  """
+
+  name = "mmrole_task"
+  SOURCES = {"sft": "in-distribution dialogues, 50% by id hash",
+             "rl": "in-distribution dialogues, 40% by id hash",
+             "test_in": "in-distribution dialogues, 10% by id hash",
+             "test_out": "out-of-distribution dialogues"}
+
+  @classmethod
+  def layout(cls, root: str) -> list[tuple[str, bool, str]]:
+    return real.mmrole_layout(root)
+
+  def features(self) -> dict:
+    return roleplay_features()
+
+  def split_examples(self, split: str) -> Iterator[dict]:
+    cfg = self.builder_config
+    if split == "test_out":
+      return real.read_mmrole(cfg.root, "out_of_distribution", skip_bad=cfg.skip_bad)
+    return (e for e in self._in_distribution if tasks.split_of(e) == split)
+
+  @functools.cached_property
+  def _in_distribution(self) -> list[dict]:
+    """The in-distribution dialogues (without images), read once for sft, rl and test_in."""
+    cfg = self.builder_config
+    return list(real.read_mmrole(cfg.root, "in_distribution", skip_bad=cfg.skip_bad))
+
+
+class PCogAlignBenchTask(_BenchmarkTask):
+  """PCogAlignBench as the pipeline's personalised task.
+
+  test_in and test_out are the golden test files (HCMAS, HCSHR): the only published
+  instances with a reference reply, which evaluation scores against. sft and rl divide
+  HCMAS-train 5 : 4 by a hash of the id (`tasks.training_split_of`); they keep only its
+  instances with a reference reply ("golden_response", which the published train file
+  lacks: add one per instance). HCMAS-test / HCSHR-test (the golden files without the
+  replies) and HCSHR-train (out-of-distribution role sets, never trained on) are not read.
+  """
+
+  name = "pcogalign_bench_task"
+  MESSAGES = staticmethod(tasks.personalised_messages)
+  FILES = {"sft": "hcmas_train", "rl": "hcmas_train", "test_in": "hcmas_golden_test",
+           "test_out": "hcshr_golden_test"}
+  SOURCES = {"sft": "HCMAS-train.json with reference replies, 5/9 by id hash",
+             "rl": "HCMAS-train.json with reference replies, 4/9 by id hash",
+             "test_in": "HCMAS-golden-test.json", "test_out": "HCSHR-golden-test.json"}
+
+  @classmethod
+  def layout(cls, root: str) -> list[tuple[str, bool, str]]:
+    return real.pcogalign_layout(root, sorted(set(cls.FILES.values())))
+
+  def features(self) -> dict:
+    return personalised_features()
+
+  def split_examples(self, split: str) -> Iterator[dict]:
+    cfg = self.builder_config
+    examples = real.read_pcogalign(cfg.root, self.FILES[split], skip_bad=cfg.skip_bad)
+    if split in ("sft", "rl"):
+      return (e for e in examples if tasks.training_split_of(e) == split)
+    return examples

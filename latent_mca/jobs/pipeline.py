@@ -3,9 +3,10 @@
 `config.stages` lists the stages to run, in order. Every stage writes under the
 workdir and is idempotent: a second run reuses what exists. Stages so far:
 
-  prepare_data: builds the synthetic tfds datasets (paired, text-only,
-    role-play, personalised) under workdir/data and trains the BPE tokenizer on
-    their training text into workdir/tokenizer.
+  prepare_data: builds the tfds datasets (paired, text-only, role-play,
+    personalised: the synthetic world's, or MMRole / PCogAlignBench for the dialogue
+    tasks given config.data.mmrole_dir / pcogalign_dir) under workdir/data and trains
+    the BPE tokenizer on their training text into workdir/tokenizer.
   pretrain: trains a tiny Qwen2.5-VL from scratch on paired + text-only data (or
     starts from `backbone.checkpoint`); workdir/pretrain/ holds checkpoints,
     metrics.jsonl, curves.png and an HF export in hf/.
@@ -31,6 +32,7 @@ import transformers
 from tqdm import tqdm
 
 from latent_mca.config_schema import ConfigError
+from latent_mca.data import real
 from latent_mca.data.tokenizers import train_bpe_tokenizer
 from latent_mca.stages import backbone
 from latent_mca.stages import data as data_lib
@@ -48,11 +50,32 @@ def default_config() -> ml_collections.ConfigDict:
   c.job = "pipeline"
   c.stages = "prepare_data"  # comma-separated, run in order
   c.seed = 0
+  # The real benchmarks, from local folders in their published layouts (`latent_mca.data.real`);
+  # empty = the synthetic world's task of that kind. Either one replaces its task's four splits
+  # (`tfds_builders.MMRoleTask` / `PCogAlignBenchTask`):
+  #   mmrole_dir (the MMRole_dataset folder): the dialogues have no train/test split, so
+  #     in-distribution characters' dialogues go 50 / 40 / 10% to sft / rl / test_in by a hash
+  #     of their id (`tasks.split_of`, as the synthetic ones), out-of-distribution ones to test_out.
+  #   pcogalign_dir (PCogAlignBench or its version_v4/): test_in / test_out are
+  #     HCMAS-golden-test.json / HCSHR-golden-test.json, the only files with reference replies;
+  #     sft / rl divide HCMAS-train.json 5 : 4 by id hash, keeping the instances that carry a
+  #     reference reply ("golden_response", absent from the published train file: add them).
+  # Examples without a reference reply (or a user turn before it) are dropped and counted in
+  # the log; a split left empty is an error. A folder that lacks a file of the layout fails
+  # before anything is built, naming the field and the file. A changed folder (its JSON
+  # files' sizes or times) is built anew. Images are stored resized to at most image_size^2
+  # pixels (aspect kept as the processor keeps it), the stages' per-image budget. dialogue_in /
+  # dialogue_out size the synthetic tasks only: a benchmark is read whole. The paired and
+  # text-only pretraining data stay synthetic: neither benchmark has image-caption pairs or a
+  # text-only corpus. Real data needs the LLM judge for rl (the programmatic one checks
+  # synthetic scenes): --config.rl.judge.kind=llm.
   c.data = ml_collections.ConfigDict(dict(
-      image_size=56,  # pixels of the rendered scenes (224+ for real runs)
+      image_size=56,  # pixels of the rendered scenes (224+ for real runs); real images' budget
       paired_train=2000, paired_test=200,
       text_train=2000, text_test=200,
       dialogue_in=1000, dialogue_out=100,  # per task; in-distribution -> sft / rl / test_in
+      mmrole_dir="", pcogalign_dir="",
+      skip_bad=False,  # benchmarks: skip (and log) bad files and examples instead of failing
   ))
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=2048))
   # The backbone: a local Hugging Face Qwen2.5-VL folder (pretrain starts from it and uses
@@ -197,7 +220,10 @@ def prepare_data(config, workdir: str) -> dict:
   data_dir = os.path.join(workdir, "data")
   sources = {}
   for name, builder in data_lib.datasets(config, data_dir).items():
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except real.DataError as e:  # raised reading a benchmark folder: name the field too
+      raise real.DataError(f"config.data.{data_lib.REAL_TASKS[name][0]}: {e}") from e
     for split, source in builder.as_data_source().items():
       sources[f"{name}/{split}"] = source
   tokenizer = prepare_tokenizer(config, workdir, sources)

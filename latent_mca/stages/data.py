@@ -37,9 +37,10 @@ import numpy as np
 import transformers
 
 from latent_mca import tasks
-from latent_mca.data import synthetic
+from latent_mca.config_schema import ConfigError
+from latent_mca.data import real, synthetic, tfds_builders
 from latent_mca.data.batching import DataLoader, collate
-from latent_mca.data.image_processing import ImageProcessorConfig, smart_resize
+from latent_mca.data.image_processing import ImageProcessorConfig, square_size
 from latent_mca.data.processor import Processor
 from latent_mca.data.tokenizers import (ENDOFTEXT, IM_END, IMAGE_PAD, VISION_END, VISION_START,
                                         load_qwen_tokenizer)
@@ -88,23 +89,45 @@ def _cached_tokenizer(folder: str, stamp: tuple, checkpoint: bool):
   return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+# The dialogue tasks a real benchmark can stand in for: task -> (config.data field, builder).
+REAL_TASKS = {"roleplay": ("mmrole_dir", tfds_builders.MMRoleTask),
+              "personalised": ("pcogalign_dir", tfds_builders.PCogAlignBenchTask)}
+
+
 def datasets(config, data_dir: str) -> dict:
-  """The tfds builders of every synthetic dataset of the pipeline, by name, under data_dir."""
+  """The tfds builders of every dataset of the pipeline, by name, under data_dir.
+
+  The synthetic world's, except that a dialogue task whose benchmark folder config.data
+  names (`REAL_TASKS`) is that benchmark (`tfds_builders.MMRoleTask`,
+  `PCogAlignBenchTask`); paired and text-only data are always the world's.
+
+  Raises:
+    ConfigError: a benchmark folder is missing or lacks a folder or file of its published
+      layout; the message names the config field and the path.
+  """
   d = config.data
 
   def cfg(sizes):
     return synthetic.synthetic_config(config.seed, sizes, d.image_size)
 
-  return {
+  builders = {
       "paired": synthetic.SyntheticPaired(
           config=cfg({"train": d.paired_train, "test": d.paired_test}), data_dir=data_dir),
       "text_only": synthetic.SyntheticTextOnly(
           config=cfg({"train": d.text_train, "test": d.text_test}), data_dir=data_dir),
-      "roleplay": synthetic.SyntheticRoleplay(
-          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir),
-      "personalised": synthetic.SyntheticPersonalised(
-          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir),
   }
+  synthetic_tasks = {"roleplay": synthetic.SyntheticRoleplay,
+                     "personalised": synthetic.SyntheticPersonalised}
+  for task, (field, benchmark) in REAL_TASKS.items():
+    if d[field]:
+      try:
+        builders[task] = benchmark.for_folder(d[field], d.image_size, d.skip_bad, data_dir)
+      except real.DataError as e:
+        raise ConfigError(f"config.data.{field}: {e}") from None
+    else:
+      builders[task] = synthetic_tasks[task](
+          config=cfg({"in": d.dialogue_in, "out": d.dialogue_out}), data_dir=data_dir)
+  return builders
 
 
 def load_sources(config, workdir: str, splits: Sequence[str]) -> dict[str, Any]:
@@ -305,13 +328,13 @@ class EncodedSource:
 def image_budget(config, batch_size: int) -> tuple[int, int]:
   """`collate`'s pad_images_to for batches with at most one dataset image per example.
 
-  Every synthetic image has config.data.image_size pixels a side, so it takes P patches;
+  Every synthetic image has config.data.image_size pixels a side, so it takes P patches
+  (a real benchmark's images are stored at most that many: `tfds_builders.fitted_png`);
   a batch needs B * P patches and B images, plus one slot of 4 patches for the dummy
   image that fills what the batch leaves free.
   """
   image = ImageProcessorConfig()
-  height, width = smart_resize(config.data.image_size, config.data.image_size, image.factor,
-                               image.min_pixels, image.max_pixels)
+  height, width = square_size(config.data.image_size, image)
   patches = (height // image.patch_size) * (width // image.patch_size)
   return batch_size * patches + image.merge_size**2, batch_size + 1
 

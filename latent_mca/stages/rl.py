@@ -45,6 +45,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from latent_mca.config_schema import ConfigError
 from latent_mca.data.batching import DataLoader
 from latent_mca.data.processor import Processor
 from latent_mca.judge import diversity as diversity_lib
@@ -362,12 +363,22 @@ def run_all(config, workdir: str) -> dict:
   the runs go space by space, each resuming where it stopped. Afterwards
   workdir/rl_summary.{md,json} tabulate every finished run's eval reward (start, end,
   best) and diversity, and workdir/rl_rewards.png draws their eval reward curves.
+
+  Raises:
+    ConfigError: the programmatic judge with a real benchmark's dialogues (it needs scenes).
   """
   algorithms = _names("algorithm", config.rl.algorithm)
   spaces = _names("action_space", config.rl.action_space)
   for name in algorithms:
     algos.get_algorithm(name)  # an unknown name fails before any run starts
   _check_spaces(spaces)
+  real = [f"config.data.{field}" for field, _ in data_lib.REAL_TASKS.values()
+          if config.data[field]]
+  if real and config.rl.judge.kind == "programmatic":
+    raise ConfigError(f"config.rl.judge.kind: the programmatic judge checks replies against "
+                      f"synthetic scenes, and {' and '.join(real)} point(s) at a real "
+                      "benchmark; use --config.rl.judge.kind=llm with rl.judge.base_url and "
+                      "rl.judge.model")
   metrics = {}
   for space in spaces:
     for algorithm in algorithms:

@@ -16,7 +16,7 @@ from latent_mca.tasks.roleplay import (DISTRIBUTIONS, KNOWLEDGE, SCENE_URI_PREFI
                                        roleplay_examples, roleplay_messages, roleplay_question,
                                        roleplay_reference, roleplay_reply, scene_image_path)
 from latent_mca.tasks.splits import (SPLITS, is_out_of_distribution, split_examples, split_of,
-                                     task_splits)
+                                     task_splits, training_split_of)
 
 __all__ = [
     "DISTRIBUTIONS", "INDIVIDUALS", "KNOWLEDGE", "LOCATIONS", "ROLES", "SCENE_URI_PREFIX",
@@ -25,5 +25,5 @@ __all__ = [
     "personalised_example", "personalised_examples", "personalised_messages",
     "personalised_reply", "primary_role", "reply_index", "roleplay_example", "roleplay_examples",
     "roleplay_messages", "roleplay_question", "roleplay_reference", "roleplay_reply",
-    "scene_image_path", "split_examples", "split_of", "task_splits",
+    "scene_image_path", "split_examples", "split_of", "task_splits", "training_split_of",
 ]

@@ -5,7 +5,9 @@ a hash of their id, so an example's split never depends on how many were
 made: growing n only adds examples. Out-of-distribution examples (text-only
 characters, HCSHR role sets) are all "test_out": nothing trained on shares
 their characters or role sets. The same rule serves real data, whose ids are
-the readers' ids.
+the readers' ids (MMRole); a benchmark that comes with its own test files
+(PCogAlignBench) divides only its training file, between sft and rl in the same
+5 : 4 proportion (`training_split_of`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def split_of(example: Mapping) -> str:
   if u < SFT_SHARE:
     return "sft"
   return "rl" if u < SFT_SHARE + RL_SHARE else "test_in"
+
+
+def training_split_of(example: Mapping) -> str:
+  """The split ("sft" or "rl") of an example of a training set whose test sets come
+  separately (PCogAlignBench's HCMAS-train): sft : rl = SFT_SHARE : RL_SHARE (5 : 4) by id hash."""
+  return "sft" if id_fraction(example["id"]) < SFT_SHARE / (SFT_SHARE + RL_SHARE) else "rl"
 
 
 def split_examples(examples: Iterable[Mapping]) -> dict[str, list]:
