@@ -36,6 +36,7 @@ from latent_mca.data import real
 from latent_mca.data.tokenizers import train_bpe_tokenizer
 from latent_mca.stages import backbone
 from latent_mca.stages import data as data_lib
+from latent_mca.stages import evaluate as evaluate_lib
 from latent_mca.stages import latent
 from latent_mca.stages import rl
 from latent_mca.training.state import optimizer_config
@@ -138,6 +139,8 @@ def default_config() -> ml_collections.ConfigDict:
   # are ~0.15 with a within-group spread of ~0.05, so the demo weighs the penalty 0.1.
   c.rl.overlong_penalty_factor = 0.1
   c.rl.optimizer.learning_rate = 1e-4
+  # The evaluate stage: every policy's judge reward on the test sets (`stages.evaluate`).
+  c.evaluate = evaluate_lib.evaluate_defaults()
   return c
 
 
@@ -235,7 +238,8 @@ def prepare_data(config, workdir: str) -> dict:
 
 
 STAGES = {"prepare_data": prepare_data, "pretrain": backbone.pretrain, "sft": backbone.sft,
-          **latent.STAGES, "rl": rl.run_all}
+          **latent.STAGES, "rl": rl.run_all,
+          "evaluate": evaluate_lib.evaluate}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
