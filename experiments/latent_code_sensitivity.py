@@ -102,8 +102,8 @@ def main(argv):
     for temperature in temperatures:
       runner = rl.RLRunner(_config(space, temperature), FLAGS.workdir)
       if items is None:
-        source = rl._prompt_items(runner.config, FLAGS.workdir, runner.processor)
-        items = [source[i] for i in rl._spread(len(source), FLAGS.prompts)]
+        source = rl.prompt_items(runner.config, FLAGS.workdir, runner.processor)
+        items = [source[i] for i in rl.spread(len(source), FLAGS.prompts)]
       outs, rewards = _sample(runner, items, seed=0)
       key = f"{space}/T={temperature:g}"
       result[key] = {"reward": float(rewards.mean()),

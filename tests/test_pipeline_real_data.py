@@ -114,7 +114,7 @@ def test_prepare_data_reads_the_benchmarks(benchmarks, tmp_path):
   text = data.processor.tokenizer.decode(batch["input_ids"][0][batch["loss_mask"][0] == 1])
   assert "Stay calm, go outside." in text  # the golden reply is what SFT learns
   # What rl samples prompts from: the rl splits of both tasks.
-  items = rl._prompt_items(config, workdir, Processor(data_lib.load_tokenizer(config, workdir)))
+  items = rl.prompt_items(config, workdir, Processor(data_lib.load_tokenizer(config, workdir)))
   assert sorted(example["id"] for _, example, _ in (items[i] for i in range(len(items)))) == sorted(
       expected["roleplay"]["rl"] + expected["personalised"]["rl"])
 

@@ -105,14 +105,14 @@ def test_killed_dapo_run_resumes_to_the_uninterrupted_params(smoke, tmp_path, mo
 def test_prompts_longer_than_the_prompt_length_are_left_out(smoke):
   config, workdir, _, _ = smoke
   processor = rl_stage.Processor(rl_stage.data_lib.load_tokenizer(config, workdir))
-  every = rl_stage._prompt_items(_config(config, prompt_length=1 << 20), workdir, processor)
+  every = rl_stage.prompt_items(_config(config, prompt_length=1 << 20), workdir, processor)
   lengths = sorted(len(every[i][2]["input_ids"]) for i in range(len(every)))
   cut = lengths[len(lengths) // 2]
-  kept = rl_stage._prompt_items(_config(config, prompt_length=cut), workdir, processor)
+  kept = rl_stage.prompt_items(_config(config, prompt_length=cut), workdir, processor)
   assert len(kept) == sum(n <= cut for n in lengths) < len(every)
   assert all(len(kept[i][2]["input_ids"]) <= cut for i in range(len(kept)))
   with pytest.raises(ValueError, match="no rl prompt fits rl.prompt_length=3"):
-    rl_stage._prompt_items(_config(config, prompt_length=3), workdir, processor)
+    rl_stage.prompt_items(_config(config, prompt_length=3), workdir, processor)
 
 
 def test_an_llm_judge_without_an_endpoint_is_named_before_any_work(smoke, tmp_path):

@@ -155,10 +155,9 @@ def test_metrics_log_append_without_reset(tmp_path):
 
 
 def test_tensorboard_reads_the_files(tmp_path):
-  """TensorBoard's own reader, where it is installed (it is not a dependency)."""
-  event_accumulator = pytest.importorskip(
-      "tensorboard.backend.event_processing.event_accumulator")
-  event_pb2 = pytest.importorskip("tensorboard.compat.proto.event_pb2")
+  """TensorBoard's own reader (a test dependency) reads what we write."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.compat.proto import event_pb2
   log = metrics.MetricsLog(str(tmp_path / "metrics.jsonl"))
   log.reset([{"step": 0, "eval/reward": 0.5}])
   log.append({"step": 10, "loss": 0.25, "eval/reward": 0.75})

@@ -114,7 +114,7 @@ def _test_items(config, workdir: str, processor) -> dict[str, list]:
   n = config.evaluate.examples
   out = {}
   for split in SPLITS:
-    source = rl_lib._prompt_items(config, workdir, processor, split)
+    source = rl_lib.prompt_items(config, workdir, processor, split)
     by_task = {task: [] for task in rl_lib.TASKS}
     for i in range(len(source)):
       item = source[i]
@@ -123,7 +123,7 @@ def _test_items(config, workdir: str, processor) -> dict[str, list]:
       if not items:
         raise ValueError(f"{task}/{split}: no prompt fits rl.prompt_length="
                          f"{config.rl.prompt_length}")
-      keep = range(len(items)) if n <= 0 else rl_lib._spread(len(items), n)
+      keep = range(len(items)) if n <= 0 else rl_lib.spread(len(items), n)
       out[f"{task} {split.split('_')[1]}"] = [items[i] for i in keep]
   return out
 

@@ -124,7 +124,7 @@ class _Subset:
     return self._source[self._indices[index]]
 
 
-def _prompt_items(config, workdir: str, processor: Processor, split: str = "rl") -> _Subset:
+def prompt_items(config, workdir: str, processor: Processor, split: str = "rl") -> _Subset:
   """The split's examples of every task whose prompt fits rl.prompt_length, as
   (task, decoded example, encoded prompt) items."""
   sources = data_lib.load_sources(config, workdir, [f"{task}/{split}" for task in TASKS])
@@ -297,9 +297,9 @@ def run(config, workdir: str) -> dict:
                                  may_alias=False)
   state = jax.device_put(state_lib.TrainState.create(params, tx, jax.random.key(config.seed),
                                                      extra), runner.replicated)
-  source = _prompt_items(config, workdir, runner.processor)
+  source = prompt_items(config, workdir, runner.processor)
   loader = DataLoader(source, runner.pool, collate_fn=list, seed=config.seed)
-  eval_items = [source[i] for i in _spread(len(source), r.eval_prompts)]
+  eval_items = [source[i] for i in spread(len(source), r.eval_prompts)]
   eval_fn = lambda s: runner.evaluate(s.params, eval_items, config.seed)  # noqa: E731
   initial = backbone_lib.cached_json(os.path.join(stage_dir, "eval_initial.json"),
                                      lambda: eval_fn(state))
@@ -457,7 +457,7 @@ def _plot_rewards(runs: dict, png_path: str) -> None:
   fig.savefig(png_path, dpi=110)
 
 
-def _spread(n: int, k: int) -> list[int]:
+def spread(n: int, k: int) -> list[int]:
   """k indices spread evenly over range(n) (both tasks end up in the eval set)."""
   return sorted({int(i) for i in np.linspace(0, n - 1, min(k, n))})
 
