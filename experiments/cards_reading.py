@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from latent_mca.cards import agent as agent_lib
 from latent_mca.cards import envs as envs_lib
 from latent_mca.cards import experts
 from latent_mca.cards import pixels as pixels_lib
@@ -91,20 +92,32 @@ def random_states(env: envs_lib.CardEnv, key, n: int, max_actions: int = 4):
   return jax.vmap(one)(jax.random.split(key, n))
 
 
+def prompt_ids(processor, config, game: str) -> np.ndarray:
+  """The reading prompt: the frame, then "Read the <game> frame."."""
+  return agent_lib.game_prompt_ids(processor, game, config.image_size,
+                                   text=f"Read the {game} frame.")
+
+
+def lm_batch(prompt: tuple[np.ndarray, np.ndarray], ids: np.ndarray, mask: np.ndarray,
+             frames, size: int) -> dict:
+  """A `backbone.train_step` batch: the (ids, mask) prompt tiled over the rows, then the
+  targets `ids` [B, M] learned where `mask`, and the frames' patches."""
+  n, zeros = len(ids), np.zeros((len(ids), len(prompt[0])), np.int32)
+  pixel_values, grid = pixels_lib.frames_to_pixels(frames, size)
+  return {"input_ids": np.concatenate([np.tile(prompt[0], (n, 1)), ids], 1),
+          "attention_mask": np.concatenate([np.tile(prompt[1], (n, 1)), mask], 1),
+          "loss_mask": np.concatenate([zeros, mask], 1),
+          "pixel_values": pixel_values, "image_grid_thw": grid}
+
+
 class Frames:
   """Batches of (short prompt, reading) on fresh frames of one game."""
 
-  def __init__(self, processor, config, game: str, prompt_length: int = 0):
+  def __init__(self, processor, config, game: str, prompt_length: int):
     self.processor, self.size, self.game = processor, config.image_size, game
     self.env = cards.make_env(config, game)
-    messages = [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": f"Read the {game} frame."}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    blank = np.zeros((self.size, self.size, 3), np.uint8)
-    ids = np.asarray(processor(text, images=[blank])["input_ids"][0], np.int32)
-    pad = max(prompt_length - len(ids), 0)
-    self.prompt = np.concatenate([np.full(pad, processor.pad_token_id, np.int32), ids])
-    self.prompt_mask = np.concatenate([np.zeros(pad, np.int32), np.ones(len(ids), np.int32)])
+    self.prompt = agent_lib.left_pad(prompt_ids(processor, config, game), prompt_length,
+                                     processor.pad_token_id)
     self.states = jax.jit(functools.partial(random_states, self.env), static_argnums=1)
     self.observe = jax.jit(jax.vmap(self.env.observe))
 
@@ -123,20 +136,16 @@ class Frames:
     frames = self.observe(states)
     if shuffle_frames:
       frames = frames[np.roll(np.arange(n), 1)]
-    pixel_values, grid = pixels_lib.frames_to_pixels(frames, self.size)
-    zeros = np.zeros((n, len(self.prompt)), np.int32)
-    return {"input_ids": np.concatenate([np.tile(self.prompt, (n, 1)), ids], 1),
-            "attention_mask": np.concatenate([np.tile(self.prompt_mask, (n, 1)), mask], 1),
-            "loss_mask": np.concatenate([zeros, mask], 1),
-            "value_mask": np.concatenate([zeros, value], 1),
-            "pixel_values": pixel_values, "image_grid_thw": grid}
+    batch = lm_batch(self.prompt, ids, mask, frames, self.size)
+    batch["value_mask"] = np.concatenate([np.zeros((n, len(self.prompt[0])), np.int32), value], 1)
+    return batch
 
 
 def train_reading(config, processor, names: list[str], params=None) -> list[dict]:
   """The backbone (from `params`, else fresh) trained on readings; the evaluation rows."""
   model_cfg = backbone_lib.model_config(config, processor)
   model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
-  length = max(len(Frames(processor, config, g, 0).prompt) for g in names)
+  length = max(len(prompt_ids(processor, config, g)) for g in names)
   data = {g: Frames(processor, config, g, length) for g in names}
   optimizer = state_lib.optimizer_config()
   optimizer.update(dict(learning_rate=_LR.value, warmup_steps=30, final_fraction=0.05,
@@ -217,7 +226,8 @@ def train_control(config, processor, kind: str) -> list[dict]:
   """
   model_cfg = backbone_lib.model_config(config, processor)
   model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
-  prompt = Frames(processor, config, "numberline")
+  ids = prompt_ids(processor, config, "numberline")
+  prompt = (ids, np.ones(len(ids), np.int32))
   colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255],
                       [255, 0, 255]], np.uint8)
   answers = [processor.tokenizer(str(c + 1))["input_ids"] for c in range(6)]
@@ -241,12 +251,7 @@ def train_control(config, processor, kind: str) -> list[dict]:
     mask = np.zeros((n, width), np.int32)
     for row, c in enumerate(classes):
       ids[row, :len(answers[c])], mask[row, :len(answers[c])] = answers[c], 1
-    pixel_values, grid = pixels_lib.frames_to_pixels(jnp.asarray(frames), config.image_size)
-    zeros = np.zeros((n, len(prompt.prompt)), np.int32)
-    batch = {"input_ids": np.concatenate([np.tile(prompt.prompt, (n, 1)), ids], 1),
-             "attention_mask": np.concatenate([np.tile(prompt.prompt_mask, (n, 1)), mask], 1),
-             "loss_mask": np.concatenate([zeros, mask], 1),
-             "pixel_values": pixel_values, "image_grid_thw": grid}
+    batch = lm_batch(prompt, ids, mask, jnp.asarray(frames), config.image_size)
     state, metrics = step(state, batch, jax.random.key(0))
     if i % 25 == 0 or i == _CONTROLS.value:
       rows.append({"step": i, "control": kind, "accuracy": float(metrics["accuracy"])})

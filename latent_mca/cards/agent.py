@@ -52,14 +52,16 @@ TRAINABLE = {
 }
 
 
-def game_prompt_ids(processor: Processor, game: str, image_size: int) -> np.ndarray:
-  """The token ids of a game's prompt (its frame, then the reference text), int32 [T_game].
+def game_prompt_ids(processor: Processor, game: str, image_size: int,
+                    text: str | None = None) -> np.ndarray:
+  """The token ids of a game's prompt (its frame, then `text`, by default the reference's
+  prompt of the game), int32 [T_game].
 
   The chat template's user turn holds the image and the text; the ids end with the
   assistant header, where the response starts.
   """
-  messages = [{"role": "user", "content": [{"type": "image"},
-                                           {"type": "text", "text": prompts_lib.prompt(game)}]}]
+  text = prompts_lib.prompt(game) if text is None else text
+  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
   text = processor.apply_chat_template(messages, add_generation_prompt=True)
   frame = np.zeros((image_size, image_size, 3), np.uint8)
   return np.asarray(processor(text, images=[frame])["input_ids"][0], np.int32)
