@@ -1,20 +1,27 @@
-r"""The embedded default pipeline on the synthetic world: every stage, in order.
+r"""The embedded default pipeline on the synthetic world: the whole study, in one command.
 
   python -m experiments.run --config configs/demo.py --workdir workdirs/demo
 
-prepare_data renders the paired set (2,200 scenes), the text-only corpus (2,200 texts)
-and both dialogue tasks (1,100 examples each: sft / rl / test_in / test_out) as
-ArrayRecord under workdir/data, and trains the BPE tokenizer. pretrain (400 steps)
-trains the tiny Qwen2.5-VL from scratch; sft (200 steps) fine-tunes it on the dialogue
-tasks. The latent action model's five stages follow (inverse_warmup, cycle_warmup,
-inverse_joint, policy_bc, latent_sft; see `latent_mca.stages.latent`). All of it took
-9 min 19 s on a shared 2-core CPU; a second run reuses everything, and a killed stage
-resumes. RL runs separately for now, every listed algorithm in every listed space
-(40 steps each; results/rl_demo_cpu/ has the last table and curves):
+Stages, in order (`pipeline.STUDY_STAGES`):
+  prepare_data   the paired set (2,200 scenes), the text-only corpus (2,200 texts) and both
+                 dialogue tasks (1,100 examples each: sft / rl / test_in / test_out) as
+                 ArrayRecord under workdir/data, and the BPE tokenizer;
+  pretrain, sft  the tiny Qwen2.5-VL from scratch (400 steps), then token SFT (200 steps);
+  inverse_warmup, cycle_warmup, inverse_joint, policy_bc, latent_sft
+                 the latent action model (`latent_mca.stages.latent`);
+  rl             GRPO, Dr.GRPO, DAPO and BNPO in token and latent space (`stages.rl`);
+  evaluate       every policy on the held-out test_in / test_out sets with the judge;
+  ablations      no cycle loss, no projector, no text-only data: each retrained from the
+                 first stage it changes, latent GRPO, evaluated as the full run's row;
+  report         workdir/report.md: the results table, the ablation and diversity tables,
+                 the paper's three claims answered, and report/*.png plots.
+
+A second run reuses everything finished and a killed stage resumes. Three seeds (the
+first reuses this run; the others go to workdir/seed_<s>/, and report.md then gives
+mean ± standard deviation over seeds):
 
   python -m experiments.run --config configs/demo.py --workdir workdirs/demo \
-      --config.stages=rl --config.rl.algorithm=grpo,dr_grpo,dapo,bnpo \
-      --config.rl.action_space=token,latent
+      --config.seeds=0,1,2
 """
 
 from latent_mca.jobs import pipeline
@@ -23,5 +30,7 @@ from latent_mca.jobs import pipeline
 def get_config(arg=None):
   del arg
   config = pipeline.default_config()
-  config.stages = pipeline.ALL_STAGES
+  config.stages = pipeline.STUDY_STAGES
+  config.rl.algorithm = "grpo,dr_grpo,dapo,bnpo"
+  config.rl.action_space = "token,latent"
   return config

@@ -16,7 +16,9 @@ the tiny from-scratch model instead.
 
 Stages: prepare_data, pretrain, sft, inverse_warmup, cycle_warmup, inverse_joint,
 policy_bc, latent_sft, rl (GRPO and Dr.GRPO, latent and token space: SPEC section 5's
-table). `pretrain` only hands the checkpoint on: the reference starts from the Instruct
+table), evaluate (every policy on test_in / test_out with the judge) and report
+(report.md). The ablations (`--config.stages=ablations,report` afterwards) retrain the
+latent stages from inverse_joint on three times; they are left out by default. `pretrain` only hands the checkpoint on: the reference starts from the Instruct
 model, so it runs one update at learning rate 0 with nothing trainable (the later
 stages load the backbone from pretrain's checkpoint).
 
@@ -77,7 +79,7 @@ from latent_mca.training.state import optimizer_config
 def reference_config(checkpoint: str | None) -> ml_collections.ConfigDict:
   """The pipeline with the reference's settings; `checkpoint` None leaves it to a flag."""
   c = pipeline.default_config()
-  c.stages = pipeline.ALL_STAGES + ",rl"
+  c.stages = pipeline.ALL_STAGES + ",rl,evaluate,report"
   # An unset placeholder, so validation fails and names the field.
   c.backbone.checkpoint = checkpoint or config_dict.placeholder(str)
   # backbone.text / vision / tie_word_embeddings come from the checkpoint's config.json.

@@ -27,6 +27,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from latent_mca import jobs
+from latent_mca.compilation_cache import enable_compilation_cache
 from latent_mca.config_schema import add_missing_defaults
 from latent_mca.config_schema import ConfigError
 from latent_mca.config_schema import validate_config
@@ -75,6 +76,13 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for the resolved config, outputs and metrics.")
 # Not --config: a get_config() returning None would pass for a missing flag.
 flags.mark_flags_as_required(["workdir"])
+_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    os.environ.get("LATENT_MCA_COMPILATION_CACHE",
+                   os.path.join(os.path.expanduser("~"), ".cache", "latent_mca", "jax")),
+    "Directory of JAX's persistent compilation cache (empty: none). A rerun, a resumed "
+    "job, another seed and a stage that compiles a program an earlier one did (the "
+    "ablations' RL, for one) load the compiled program instead of compiling it again.")
 
 
 def job_schema(job: Any, name: str) -> ml_collections.ConfigDict:
@@ -225,6 +233,8 @@ def main(argv: Sequence[str]) -> None:
   except ConfigError as e:
     _fail(str(e))
 
+  if _CACHE.value:
+    enable_compilation_cache(_CACHE.value)
   os.makedirs(workdir, exist_ok=True)
   config_path = write_config(config, workdir)
   logging.info("Job %s, workdir %s, config (%s):\n%s",

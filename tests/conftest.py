@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -9,6 +13,17 @@ import torch  # the test extra installs it: a missing reference must fail, not s
 import transformers
 
 IMAGE, VSTART, VEND, PAD = 250, 252, 253, 0
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for the session (and the jobs its tests start in
+  subprocesses): the many tests that build the same programs compile each once."""
+  from latent_mca.compilation_cache import enable_compilation_cache
+
+  directory = tempfile.mkdtemp(prefix="latent_mca_jax_cache_")
+  config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+  os.environ["LATENT_MCA_COMPILATION_CACHE"] = directory
+  enable_compilation_cache(directory)
 
 # Tiny configs that still exercise every structural choice of the real model.
 TINY_CONFIGS = {

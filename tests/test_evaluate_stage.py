@@ -32,7 +32,8 @@ def evaluated(smoke, tmp_path_factory):
   config, smoke_dir, _, _ = smoke
   workdir = str(tmp_path_factory.mktemp("evaluate") / "work")
   shutil.copytree(smoke_dir, workdir, ignore=shutil.ignore_patterns(
-      "rl_*", "evaluate", "eval_results.*", "rl_summary.*", "rl_rewards.png"))
+      "rl_*", "evaluate", "eval_results.*", "rl_summary.*", "rl_rewards.png", "ablations*",
+      "report*"))
   rl_config = config.copy_and_resolve_references()
   rl_config.rl.update(dict(num_steps=2, action_space="latent", algorithm="grpo",
                            diversity_model=""))

@@ -39,7 +39,8 @@ def test_validates_with_a_checkpoint(path, how):
   assert job is pipeline
   assert config.backbone.checkpoint == _CHECKPOINT
   assert config.backbone.remat
-  assert config.stages.split(",") == pipeline.ALL_STAGES.split(",") + ["rl"]
+  assert config.stages.split(",") == pipeline.ALL_STAGES.split(",") + [
+      "rl", "evaluate", "report"]
 
 
 @pytest.mark.parametrize("path", _CONFIGS)

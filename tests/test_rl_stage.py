@@ -55,7 +55,10 @@ def test_rl_stage_writes_its_health_metrics_and_keeps_frozen_modules(smoke, spac
   assert len(initial["per_prompt"]) == config.rl.eval_prompts
   assert initial["reward"] == pytest.approx(np.mean(initial["per_prompt"]))
   assert records[0] == {"step": 0, **{f"eval/{k}": v for k, v in initial.items()
-                                      if k != "per_prompt"}}
+                                      if not k.endswith("per_prompt")}}
+  # The diversity is the mean of its prompts' groups' diversities.
+  assert len(initial["diversity_per_prompt"]) == config.rl.eval_prompts
+  assert initial["diversity"] == pytest.approx(np.mean(initial["diversity_per_prompt"]))
   records = records[1:]
   # Sampler and learner agree on the first, on-policy step.
   assert records[0]["logp_mismatch"] < 1e-4

@@ -189,6 +189,15 @@ def test_cli_success_writes_config_and_metrics(tmp_path):
   assert (workdir / "ran.txt").read_text() == "007"
 
 
+def test_cli_compilation_cache_holds_the_jobs_programs(tmp_path):
+  config = _write_config(tmp_path, "")
+  cache = tmp_path / "cache"
+  result = _run_cli(f"--config={config}", f"--workdir={tmp_path / 'a'}",
+                    f"--compilation_cache={cache}")
+  assert result.returncode == 0, result.stderr
+  assert any(name.startswith("jit__lambda") for name in os.listdir(cache))
+
+
 def test_cli_unknown_override_fails_naming_field(tmp_path):
   config = _write_config(tmp_path, "c.steps = 4\n")
   result = _run_cli(f"--config={config}", f"--workdir={tmp_path / 'wd'}",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import ml_collections
 from absl import logging
@@ -34,10 +35,12 @@ from tqdm import tqdm
 from latent_mca.config_schema import ConfigError
 from latent_mca.data import real
 from latent_mca.data.tokenizers import train_bpe_tokenizer
+from latent_mca.stages import ablations as ablations_lib
 from latent_mca.stages import backbone
 from latent_mca.stages import data as data_lib
 from latent_mca.stages import evaluate as evaluate_lib
 from latent_mca.stages import latent
+from latent_mca.stages import report as report_lib
 from latent_mca.stages import rl
 from latent_mca.training.state import optimizer_config
 
@@ -51,6 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.job = "pipeline"
   c.stages = "prepare_data"  # comma-separated, run in order
   c.seed = 0
+  # Several seeds, comma-separated ("" = just `seed`): every stage but report runs once per
+  # seed, the first seed's in the workdir itself (so adding seeds to a finished run reuses
+  # it), seed s's in workdir/seed_<s>; report then aggregates over all of them.
+  c.seeds = ""
   # The real benchmarks, from local folders in their published layouts (`latent_mca.data.real`);
   # empty = the synthetic world's task of that kind. Either one replaces its task's four splits
   # (`tfds_builders.MMRoleTask` / `PCogAlignBenchTask`):
@@ -120,8 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.inverse_warmup = latent.stage_defaults(200, 8, 128, 1e-3, "inverse_warmup", warmup_steps=20)
   c.cycle_warmup = latent.stage_defaults(200, 8, 128, 3e-3, "cycle_warmup")
   c.inverse_joint = latent.stage_defaults(150, 8, 128, 5e-4, "inverse_joint")
-  c.policy_bc = latent.stage_defaults(150, 8, 128, 1e-3, "policy_bc", warmup_steps=20)
-  c.latent_sft = latent.stage_defaults(150, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
+  c.policy_bc = latent.stage_defaults(100, 8, 128, 1e-3, "policy_bc", warmup_steps=20)
+  c.latent_sft = latent.stage_defaults(100, 4, 256, 5e-4, "latent_sft", warmup_steps=20)
   # The demo's latent_sft conditions the world model on the IDM's codes, not the policy's
   # argmax (SPEC): with the policy's, the world model learns to ignore the code (at 48% of
   # reply steps all the policy's top-32 codes decode one token) and latent RL cannot move
@@ -129,29 +136,41 @@ def default_config() -> ml_collections.ConfigDict:
   c.latent_sft.codes = "idm"
   # RL (SPEC sections 2-3): each listed algorithm in each listed action space (rl.run_all).
   c.rl = rl.rl_defaults()
-  # The demo's sizes: prompts of up to 192 tokens (5% of the rl split are longer and left
-  # out), replies of up to 64, 40 steps of 4 prompts x 8, eval on 32 fixed prompts; lr 1e-4
-  # for the tiny model (the reference's 1e-6 is for 3B). 64, not the sft replies' ~48: the
-  # sft policy's replies average ~37 tokens, and DAPO's overlong penalty starts at
-  # 0.8 x max_new_tokens (51 here), which must lie beyond the replies the task needs.
-  c.rl.update(dict(prompt_length=192, max_new_tokens=64, num_steps=40, eval_prompts=32))
+  # The demo's sizes, chosen so that the whole study (11 RL runs with the ablations') fits
+  # in 30 minutes on 2 CPU cores: prompts of up to 192 tokens (5% of the rl split are longer
+  # and left out), replies of up to 64, 10 steps of 2 prompts x 8 at lr 2e-4 (the
+  # reference's 1e-6 is for 3B), evaluated on 8 fixed rl-split prompts before and after
+  # (results/rl_demo_cpu/ has a 40-step, 4-prompt run of each at lr 1e-4). Replies of 64,
+  # not the sft replies' ~48: the sft policy's replies average ~37 tokens, and DAPO's
+  # overlong penalty starts at 0.8 x max_new_tokens (51 here), which must lie beyond the
+  # replies the task needs.
+  c.rl.update(dict(prompt_length=192, max_new_tokens=64, num_steps=10, prompts_per_step=2,
+                   eval_every=0, eval_prompts=8))
   # DAPO's overlong penalty (up to -1) is sized for its +-1 rewards; the judge's rewards
   # are ~0.15 with a within-group spread of ~0.05, so the demo weighs the penalty 0.1.
   c.rl.overlong_penalty_factor = 0.1
-  c.rl.optimizer.learning_rate = 1e-4
-  # The evaluate stage: every policy's judge reward on the test sets (`stages.evaluate`).
+  c.rl.optimizer.learning_rate = 2e-4
+  # The evaluate stage: every policy's judge reward on 24 prompts of each test set, one
+  # reply each, 32 prompts per rollout (`stages.evaluate`).
   c.evaluate = evaluate_lib.evaluate_defaults()
+  c.evaluate.update(dict(examples=24, batch_prompts=32))
+  # The ablations stage: each switch off, retrained from its first changed stage, latent RL
+  # with `algorithm` and evaluated as the full run's row (`stages.ablations`).
+  c.ablations = ablations_lib.ablations_defaults()
   return c
 
 
 ALL_STAGES = "prepare_data,pretrain,sft," + ",".join(latent.ORDER)
+# The whole study: the stages above, RL in both spaces, evaluation, ablations and the report.
+STUDY_STAGES = ALL_STAGES + ",rl,evaluate,ablations,report"
 
 
 def smoke_config() -> ml_collections.ConfigDict:
   """Every stage at tiny sizes (a world of 40 examples per split, a 2-layer backbone of
   width 32, a few steps each): checks the whole graph, compiling most of the time."""
   c = default_config()
-  c.stages = ALL_STAGES
+  c.stages = STUDY_STAGES
+  c.rl.algorithm, c.rl.action_space = "grpo,dr_grpo,dapo,bnpo", "token,latent"
   c.data.update(dict(paired_train=40, paired_test=8, text_train=40, text_test=8,
                      dialogue_in=40, dialogue_out=8))
   c.tokenizer.vocab_size = 2000  # the small corpus gives fewer: dialogues fit sft's seq_len
@@ -239,17 +258,61 @@ def prepare_data(config, workdir: str) -> dict:
 
 STAGES = {"prepare_data": prepare_data, "pretrain": backbone.pretrain, "sft": backbone.sft,
           **latent.STAGES, "rl": rl.run_all,
-          "evaluate": evaluate_lib.evaluate}
+          "evaluate": evaluate_lib.evaluate, "ablations": ablations_lib.run,
+          "report": report_lib.report}
+ACROSS_SEEDS = ("report",)  # stages that run once, over every seed's workdir
+
+
+def seeds(config) -> list[int]:
+  """config.seeds as integers (config.seed alone when empty)."""
+  try:
+    out = [int(s) for s in config.seeds.split(",") if s.strip()]
+  except ValueError:
+    raise ConfigError(f"config.seeds={config.seeds!r}: comma-separated integers, e.g. 0,1,2")
+  if len(set(out)) < len(out):
+    raise ConfigError(f"config.seeds={config.seeds!r} repeats a seed")
+  return out or [config.seed]
+
+
+def seed_workdir(workdir: str, config, seed: int) -> str:
+  """Where a seed's stages run: the workdir for the first seed, workdir/seed_<s> for others."""
+  return workdir if seed == seeds(config)[0] else os.path.join(workdir, f"seed_{seed}")
+
+
+def _record_seconds(workdir: str, stage: str, seconds: float) -> None:
+  """Adds a stage's wall time to workdir/stage_seconds.json (a resumed stage counts the
+  rerun's time; a reused one, its few seconds)."""
+  path = os.path.join(workdir, "stage_seconds.json")
+  times = backbone.read_json(path) if os.path.isfile(path) else {}
+  times[stage] = round(seconds, 1)
+  backbone.write_json(path, times)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs `config.stages` in order; returns the metrics of all of them."""
+  """Runs `config.stages` in order, for every seed; returns the metrics of all of them
+  (prefixed seed_<s>/ when there are several seeds)."""
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: {sorted(STAGES)}")
+  chosen = seeds(config)
   metrics = {}
+  for seed in chosen:
+    one = config.copy_and_resolve_references()
+    one.seed = seed
+    folder = seed_workdir(workdir, config, seed)
+    os.makedirs(folder, exist_ok=True)
+    for stage in stages:
+      if stage in ACROSS_SEEDS:
+        continue
+      logging.info("stage %s (seed %d)", stage, seed)
+      began = time.time()
+      out = STAGES[stage](one, folder)
+      _record_seconds(folder, stage, time.time() - began)
+      prefix = f"seed_{seed}/" if len(chosen) > 1 else ""
+      metrics.update({prefix + k: v for k, v in out.items()})
   for stage in stages:
-    logging.info("stage %s", stage)
-    metrics.update(STAGES[stage](config, workdir))
+    if stage in ACROSS_SEEDS:
+      logging.info("stage %s (seeds %s)", stage, chosen)
+      metrics.update(STAGES[stage](config, workdir))
   return metrics

@@ -19,7 +19,9 @@ Policies ("all" = every one found, finished):
 Every policy sees the same prompts with the same sampling keys (paired comparison).
 Prompts longer than rl.prompt_length tokens are left out, as in RL. Per-policy results
 are cached in workdir/evaluate/<policy>.json with the settings and the policy's
-checkpoint steps: a rerun reuses them while both are unchanged. The table (rows = SFT and
+checkpoint steps: a rerun reuses them while both are unchanged. Latent policies also record
+how often each code was sampled over their test replies ("code_counts": the codebook usage
+the report plots). The table (rows = SFT and
 each algorithm x token / latent, as SPEC section 5's reference table; columns = the test
 sets and their average) goes to workdir/eval_results.md and .json.
 """
@@ -161,23 +163,31 @@ def _variables(runner: rl_lib.RLRunner, workdir: str, policy: str):
   return jax.device_put((loaded["params"], loaded["extra"]), runner.replicated)
 
 
-def _score(runner: rl_lib.RLRunner, params, extra, items: dict[str, list], seed: int) -> dict:
-  """column -> each prompt's mean judge reward. All columns' prompts go through the
-  rollout in chunks of the runner's pool (the last one padded with repeats, dropped)."""
+def _score(runner: rl_lib.RLRunner, params, extra, items: dict[str, list],
+           seed: int) -> tuple[dict, list | None]:
+  """(column -> each prompt's mean judge reward, code counts). All columns' prompts go
+  through the rollout in chunks of the runner's pool (the last one padded with repeats,
+  dropped). The code counts (latent space; else None) are how often each code was sampled
+  over the replies' tokens: the policy's codebook usage on the test sets."""
   flat = [(column, item) for column, column_items in items.items() for item in column_items]
   chunk, g = runner.pool, runner.config.rl.group_size
+  latent = runner.space == rollout_lib.LATENT
+  counts = np.zeros(runner.system.config.num_codes, np.int64)
   per_prompt = []
   runner.extra = extra  # `sample` reads the runner's extra
   for start in range(0, len(flat), chunk):
     batch = [item for _, item in flat[start:start + chunk]]
     real = len(batch)
     batch += [batch[0]] * (chunk - real)
-    _, _, raw = runner.sample(params, batch, jax.random.fold_in(jax.random.key(seed), start))
+    out, _, raw = runner.sample(params, batch, jax.random.fold_in(jax.random.key(seed), start))
     per_prompt.extend(raw.reshape(-1, g)[:real].mean(axis=1).tolist())
-  out = {column: [] for column in items}
+    if latent:
+      actions, mask = (np.asarray(x)[:real * g] for x in jax.device_get((out.actions, out.mask)))
+      counts += np.bincount(actions[mask == 1], minlength=len(counts))
+  scores = {column: [] for column in items}
   for (column, _), value in zip(flat, per_prompt):
-    out[column].append(float(value))
-  return out
+    scores[column].append(float(value))
+  return scores, counts.tolist() if latent else None
 
 
 def _stats(values) -> dict:
@@ -225,8 +235,8 @@ def evaluate(config, workdir: str) -> dict:
     path = os.path.join(cache, f"{policy}.json")
     key = dict(settings=settings, checkpoint_steps=_checkpoint_steps(workdir, policy))
     cached = backbone_lib.read_json(path) if os.path.isfile(path) else None
-    if cached is not None and cached["key"] == key:
-      per_prompt = cached["per_prompt"]
+    if cached is not None and cached["key"] == key and "code_counts" in cached:
+      per_prompt, code_counts = cached["per_prompt"], cached["code_counts"]
       logging.info("evaluate: reusing %s", path)
     else:
       space = space_of(policy)
@@ -235,11 +245,13 @@ def evaluate(config, workdir: str) -> dict:
       runner = runners[space]
       if items is None:
         items = _test_items(config, workdir, runner.processor)
-      per_prompt = _score(runner, *_variables(runner, workdir, policy), items, config.seed)
-      backbone_lib.write_json(path, dict(key=key, per_prompt=per_prompt))
+      per_prompt, code_counts = _score(runner, *_variables(runner, workdir, policy), items,
+                                       config.seed)
+      backbone_lib.write_json(path, dict(key=key, per_prompt=per_prompt,
+                                         code_counts=code_counts))
     method, space = row_label(policy)
     rows[policy] = dict(method=method, space=space, **summarise(per_prompt),
-                        per_prompt=per_prompt)
+                        per_prompt=per_prompt, code_counts=code_counts)
   cols = columns()
   backbone_lib.write_json(os.path.join(workdir, "eval_results.json"),
                           dict(settings=settings, columns=cols + ["average"], rows=rows))

@@ -212,9 +212,11 @@ def initial_variables(config, workdir: str, stage: str, system: steps_lib.Latent
   return loaded["params"], loaded["extra"]
 
 
-def run_stage(config, workdir: str, stage: str) -> dict:
+def run_stage(config, workdir: str, stage: str, measure: bool = True) -> dict:
   """Runs one latent stage to its num_steps (resuming if it was interrupted); returns
-  its final metrics, prefixed "<stage>/" (eval_initial/ for those before training)."""
+  its final metrics, prefixed "<stage>/" (eval_initial/ for those before training).
+  measure=False skips the held-out measurements (eval_initial.json and eval/ metrics):
+  what trains is the same, only faster (the ablations' stages)."""
   latent = latent_config(config)
   if not enabled(stage, latent):
     logging.info("%s: skipped (use_projector=False leaves no projector to train)", stage)
@@ -250,11 +252,14 @@ def run_stage(config, workdir: str, stage: str) -> dict:
   state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed), extra)
   stage_dir = os.path.join(workdir, stage)
   os.makedirs(stage_dir, exist_ok=True)
-  initial = backbone_lib.cached_json(os.path.join(stage_dir, "eval_initial.json"),
-                                     lambda: metrics_lib.scalars(eval_fn(state)))
+  initial = {}
+  if measure:
+    initial = backbone_lib.cached_json(os.path.join(stage_dir, "eval_initial.json"),
+                                       lambda: metrics_lib.scalars(eval_fn(state)))
   static = {"codes": c.codes} if stage == "latent_sft" else {}
   step = functools.partial(steps_lib.STEPS[stage], system=system, **static)
-  state, history = loop.train(stage, workdir, state, step, loader, c.num_steps, eval_fn=eval_fn,
+  state, history = loop.train(stage, workdir, state, step, loader, c.num_steps,
+                              eval_fn=eval_fn if measure else None,
                               eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
                               log_every=c.log_every)
   _plot(stage_dir, _panels(stage, list(eval_sets)))

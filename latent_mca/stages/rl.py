@@ -145,6 +145,13 @@ def prompt_items(config, workdir: str, processor: Processor, split: str = "rl") 
 
 
 @functools.cache
+def _rollout_program(system, mesh: Mesh, space: str, sampling: rollout_lib.SamplingConfig):
+  """One rollout program per (system, mesh, space, sampling): the runs of `run_all`, the
+  evaluate stage and the ablations share its compilations."""
+  return rollout_lib.sharded_rollout(system, mesh, space=space, sampling=sampling)
+
+
+@functools.cache
 def _compiled_step(config: step_lib.RLStepConfig):
   """One jitted `rl_step` per config, shared by every run in the process (resumes, evals)."""
   return jax.jit(functools.partial(step_lib.rl_step, config=config), donate_argnums=0)
@@ -197,9 +204,8 @@ class RLRunner:
     self.params, self.extra = jax.device_put(self._start_variables(model_cfg), self.replicated)
     self.pool = r.prompts_per_step * (r.dapo_oversample if self.algorithm.dynamic_sampling
                                       else 1)
-    self.rollout = rollout_lib.sharded_rollout(
-        self.system, mesh, space=self.space,
-        sampling=_sampling(config, model_cfg, self.space, r.group_size))
+    self.rollout = _rollout_program(self.system, mesh, self.space,
+                                    _sampling(config, model_cfg, self.space, r.group_size))
     self.step_config = step_lib.RLStepConfig(
         self.system, self.algorithm, space=self.space, temperature=r.temperature,
         top_layers=r.token_top_layers if self.space == rollout_lib.TOKEN else 0)
@@ -261,7 +267,8 @@ class RLRunner:
 
   def evaluate(self, params, items, seed: int) -> dict:
     """Mean judge reward of G samples per fixed prompt (its spread over prompts, and each
-    prompt's mean: "per_prompt"), and the groups' diversity when an encoder is configured."""
+    prompt's mean: "per_prompt"), and the groups' diversity when an encoder is configured
+    (with each prompt's group's: "diversity_per_prompt")."""
     g, chunk = self.config.rl.group_size, self.pool  # the training rollout's shape: no compile
     if len(items) < chunk:
       raise ValueError(f"rl.eval_prompts={len(items)} must be at least the {chunk} prompts "
@@ -277,7 +284,9 @@ class RLRunner:
            "per_prompt": per_prompt.tolist()}
     if self.encoder is not None and g > 1:
       # An empty response embeds as [CLS][SEP] alone: a valid (if uninformative) vector.
-      out["diversity"] = diversity_lib.group_diversity(groups, self.encoder)["diversity"]
+      diversity = diversity_lib.group_diversity(groups, self.encoder)
+      out["diversity"] = diversity["diversity"]
+      out["diversity_per_prompt"] = [float(d) for d in diversity["per_group"]]
     return out
 
 
@@ -344,8 +353,9 @@ def run(config, workdir: str) -> dict:
 
 
 def _eval_scalars(evaluation: dict, prefix: str = "eval/") -> dict:
-  """An evaluation's scalar metrics (without the per-prompt list)."""
-  return metrics_lib.scalars({k: v for k, v in evaluation.items() if k != "per_prompt"}, prefix)
+  """An evaluation's scalar metrics (without the per-prompt lists)."""
+  return metrics_lib.scalars({k: v for k, v in evaluation.items()
+                              if not k.endswith("per_prompt")}, prefix)
 
 
 def _names(field: str, value: str) -> list[str]:
