@@ -175,9 +175,11 @@ def write_report(workdir: str, workdirs: list[str], seeds: list[int]) -> str:
   os.makedirs(folder, exist_ok=True)
   plot_reward_curves(workdirs, os.path.join(folder, "reward_curves.png"))
   usage = plot_codebook_usage(evals, os.path.join(folder, "codebook_usage.png"))
+  seconds = [backbone_lib.read_json(os.path.join(w, "stage_seconds.json"))
+             if os.path.isfile(os.path.join(w, "stage_seconds.json")) else {} for w in workdirs]
   report = dict(seeds=seeds, workdirs=[os.path.relpath(w, workdir) for w in workdirs],
                 results=table, latent_vs_token=versus, ablations=ablation,
-                diversity=diversity, codebook=usage)
+                diversity=diversity, codebook=usage, stage_seconds=seconds)
   backbone_lib.write_json(os.path.join(workdir, "report.json"), report)
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
@@ -241,6 +243,15 @@ def markdown(report: dict, settings: dict) -> str:
     for policy, u in report["codebook"].items():
       lines.append(f"| {policy} | {u['codes_used']} of {u['num_codes']} | "
                    f"{u['perplexity']:.1f} |")
+  stages = [s for s in report["stage_seconds"][0] if all(s in t for t in report["stage_seconds"])]
+  if stages:
+    lines += ["", "## Wall time per stage (seconds; a reused stage counts its reload)", "",
+              "| Stage | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|" + "---:|" * len(seeds)]
+    for stage in stages + ["total"]:
+      values = [sum(t[s] for s in stages) if stage == "total" else t[stage]
+                for t in report["stage_seconds"]]
+      lines.append(f"| {stage} | " + " | ".join(f"{v:.0f}" for v in values) + " |")
   lines += ["", "Plots: `report/reward_curves.png`, `report/codebook_usage.png`.", ""]
   return "\n".join(lines)
 
@@ -258,8 +269,8 @@ def _curves(workdirs: list[str], run: str, key: str):
 
 
 def plot_reward_curves(workdirs: list[str], png_path: str) -> None:
-  """Eval judge reward (markers) and training reward (thin) against RL step, one panel per
-  action space, one colour per algorithm, mean over seeds."""
+  """Eval judge reward (markers) and the training batches' judge reward (thin) against RL
+  step, one panel per action space, one colour per algorithm, mean over seeds."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
@@ -273,7 +284,7 @@ def plot_reward_curves(workdirs: list[str], png_path: str) -> None:
       evals = _curves(workdirs, run, "eval/reward")
       if evals:
         ax.plot(*evals, marker="o", color=color, label=f"{label} (eval)")
-      train = _curves(workdirs, run, "reward_mean")
+      train = _curves(workdirs, run, "reward_raw_mean")  # the judge's, before DAPO's shaping
       if train:
         ax.plot(*train, color=color, alpha=0.35, linewidth=1, label=f"{label} (train)")
     ax.set_title(f"{space} space: judge reward (mean of {len(workdirs)} seed(s))")
