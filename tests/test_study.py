@@ -16,7 +16,6 @@ from latent_mca.jobs import pipeline
 from latent_mca.stages import ablations as ablations_lib
 from latent_mca.stages import evaluate as evaluate_lib
 from latent_mca.stages import report as report_lib
-from latent_mca.training.checkpoint import CheckpointNotFoundError
 
 ALGORITHMS = ("grpo", "dr_grpo", "dapo", "bnpo")
 COLUMNS = evaluate_lib.columns()
@@ -113,9 +112,13 @@ def test_ablations_name_what_they_need(smoke, tmp_path):
   with pytest.raises(ValueError, match="no_world_model"):
     ablations_lib.run(bad, workdir)
   # A workdir without the full run's evaluation: the stages to run are named.
-  for entry in ("data", "tokenizer", "pretrain"):
+  for entry in ("data", "tokenizer", "data_summary.json", "pretrain"):
     os.symlink(os.path.join(workdir, entry), tmp_path / entry)
-  with pytest.raises(CheckpointNotFoundError, match="evaluate stage"):
+  with pytest.raises(ablations_lib.MissingInputError, match="evaluate stage"):
+    ablations_lib.run(config, str(tmp_path))
+  # With the full run's row but without its shared stages: they are named.
+  shutil.copy(os.path.join(workdir, "eval_results.json"), tmp_path / "eval_results.json")
+  with pytest.raises(ablations_lib.MissingInputError, match="inverse_warmup"):
     ablations_lib.run(config, str(tmp_path))
 
 
@@ -255,3 +258,23 @@ def test_report_without_evaluation_names_the_stage(tmp_path):
   config = pipeline.smoke_config()
   with pytest.raises(report_lib.MissingResultsError, match="evaluate stage"):
     report_lib.report(config, str(tmp_path))
+
+
+def test_report_without_diversity_says_it_was_not_measured():
+  report = dict(seeds=[0], results={}, latent_vs_token={}, ablations={}, diversity={},
+                codebook={}, stage_seconds=[{}])
+  settings = dict(examples=16, samples_per_prompt=1, temperature=1.0)
+  text = report_lib.markdown(report, settings)
+  assert "Are latent rollouts more diverse than token rollouts? Not measured" in text
+
+
+def test_paired_difference_by_hand_and_on_other_prompts():
+  a = {"per_prompt": {"x": [0.3, 0.5, 0.4], "y": [0.2, 0.2]}}
+  b = {"per_prompt": {"x": [0.1, 0.2, 0.3], "y": [0.1, 0.3]}}
+  diff = ablations_lib.paired_difference(a, b)
+  dx, dy = np.array([0.2, 0.3, 0.1]), np.array([0.1, -0.1])
+  assert diff["mean"] == pytest.approx((dx.mean() + dy.mean()) / 2)
+  se = [d.std(ddof=1) / math.sqrt(len(d)) for d in (dx, dy)]
+  assert diff["se"] == pytest.approx(math.sqrt(se[0] ** 2 + se[1] ** 2) / 2)
+  with pytest.raises(ValueError, match="different prompts"):
+    ablations_lib.paired_difference(a, {"per_prompt": {"x": [0.1], "y": [0.1, 0.3]}})

