@@ -43,7 +43,8 @@ FLAGS = flags.FLAGS
 
 def _config(space: str, temperature: float = 1.0):
   config = _CONFIG.value.copy_and_resolve_references()
-  config.rl.action_space, config.rl.temperature = space, temperature
+  # One algorithm (it plays no part in sampling): the demo config lists all four.
+  config.rl.action_space, config.rl.algorithm, config.rl.temperature = space, "grpo", temperature
   return config
 
 

@@ -20,9 +20,10 @@ HEALTH = ("reward_mean", "reward_std", "kl", "clip_fraction", "entropy", "logp_m
 
 
 def _config(smoke_config, **rl):
+  """The smoke config's rl stage, one run (latent GRPO) unless `rl` says otherwise."""
   config = smoke_config.copy_and_resolve_references()
   config.stages = "rl"
-  config.rl.update(rl)
+  config.rl.update({"algorithm": "grpo", "action_space": "latent", **rl})
   return config
 
 

@@ -146,7 +146,7 @@ def _fake_seed(smoke_dir: str, folder: str, shift: float) -> None:
   latent RL runs moved by `shift`, and every diversity by `shift` too."""
   os.makedirs(folder, exist_ok=True)
   for entry in os.listdir(smoke_dir):
-    if entry.startswith("rl_"):
+    if entry.startswith("rl_") and os.path.isdir(os.path.join(smoke_dir, entry)):
       os.makedirs(os.path.join(folder, entry), exist_ok=True)
       for f in ("eval_initial.json", "eval_final.json", "metrics.jsonl"):
         shutil.copy(os.path.join(smoke_dir, entry, f), os.path.join(folder, entry, f))

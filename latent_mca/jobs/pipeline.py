@@ -295,6 +295,7 @@ def seed_workdir(workdir: str, config, seed: int) -> str:
 def _record_seconds(workdir: str, stage: str, seconds: float) -> None:
   """Adds a stage's wall time to workdir/stage_seconds.json (a resumed stage counts the
   rerun's time; a reused one, its few seconds)."""
+  os.makedirs(workdir, exist_ok=True)  # a stage that had nothing to write leaves none
   path = os.path.join(workdir, "stage_seconds.json")
   times = backbone.read_json(path) if os.path.isfile(path) else {}
   times[stage] = round(seconds, 1)
@@ -314,7 +315,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     one = config.copy_and_resolve_references()
     one.seed = seed
     folder = seed_workdir(workdir, config, seed)
-    os.makedirs(folder, exist_ok=True)
     for stage in stages:
       if stage in ACROSS_SEEDS:
         continue
