@@ -16,7 +16,9 @@ Stages, in order (`pipeline.STUDY_STAGES`):
   report         workdir/report.md: the results table, the ablation and diversity tables,
                  the paper's three claims answered, and report/*.png plots.
 
-A second run reuses everything finished and a killed stage resumes. Three seeds (the
+On a fresh 2-core machine the README's main command (install included) took 23 min 16 s
+(results/study_demo_cpu/). A second run reuses everything finished and a killed stage
+resumes. Three seeds (the
 first reuses this run; the others go to workdir/seed_<s>/, and report.md then gives
 mean ± standard deviation over seeds):
 
