@@ -18,9 +18,8 @@ Stages, in order (`pipeline.STUDY_STAGES`):
 
 On a fresh 2-core machine the README's main command (install included) took 23 min 16 s
 (results/study_demo_cpu/). A second run reuses everything finished and a killed stage
-resumes. Three seeds (the
-first reuses this run; the others go to workdir/seed_<s>/, and report.md then gives
-mean ± standard deviation over seeds):
+resumes. Three seeds (the first reuses this run; the others go to workdir/seed_<s>/, and
+report.md then gives mean ± standard deviation over seeds):
 
   python -m experiments.run --config configs/demo.py --workdir workdirs/demo \
       --config.seeds=0,1,2

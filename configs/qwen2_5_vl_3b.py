@@ -18,7 +18,9 @@ Stages: prepare_data, pretrain, sft, inverse_warmup, cycle_warmup, inverse_joint
 policy_bc, latent_sft, rl (GRPO and Dr.GRPO, latent and token space: SPEC section 5's
 table), evaluate (every policy on test_in / test_out with the judge) and report
 (report.md). The ablations (`--config.stages=ablations,report` afterwards) retrain the
-latent stages from inverse_joint on three times; they are left out by default. `pretrain` only hands the checkpoint on: the reference starts from the Instruct
+latent stages from inverse_joint on three times; they are left out by default.
+
+`pretrain` only hands the checkpoint on: the reference starts from the Instruct
 model, so it runs one update at learning rate 0 with nothing trainable (the later
 stages load the backbone from pretrain's checkpoint).
 

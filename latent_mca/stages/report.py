@@ -164,8 +164,9 @@ def _se(values) -> float:
   return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
-def write_report(workdir: str, workdirs: list[str], seeds: list[int]) -> str:
-  """Builds report.md / report.json and the plots; returns report.md's path."""
+def write_report(workdir: str, workdirs: list[str], seeds: list[int]) -> tuple[str, dict]:
+  """Builds report.md / report.json and the plots; returns report.md's path and the
+  report (report.json's content)."""
   evals = [_read(os.path.join(w, "eval_results.json"), "evaluate") for w in workdirs]
   has_ablations = all(os.path.isfile(os.path.join(w, "ablations.json")) for w in workdirs)
   ablation = (ablation_table([backbone_lib.read_json(os.path.join(w, "ablations.json"))
@@ -185,7 +186,7 @@ def write_report(workdir: str, workdirs: list[str], seeds: list[int]) -> str:
   with open(path, "w") as f:
     f.write(markdown(report, evals[0]["settings"]))
   logging.info("report: %s", path)
-  return path
+  return path, report
 
 
 def markdown(report: dict, settings: dict) -> str:
@@ -342,8 +343,7 @@ def report(config, workdir: str) -> dict:
 
   seeds = pipeline.seeds(config)
   workdirs = [pipeline.seed_workdir(workdir, config, s) for s in seeds]
-  path = write_report(workdir, workdirs, seeds)
-  data = backbone_lib.read_json(os.path.join(workdir, "report.json"))
+  path, data = write_report(workdir, workdirs, seeds)
   out = {f"report/latent_minus_token/{a}": s["mean"] for a, s in data["latent_vs_token"].items()}
   out.update({f"report/ablation_hurts/{n}": e["hurts"]["mean"]
               for n, e in data["ablations"].items() if n != "full"})
