@@ -116,8 +116,9 @@ def main(argv):
     algorithm = algos.get_algorithm("grpo")
     rewards = np.random.default_rng(0).random(rows).astype(np.float32)
     batch = dict(step_lib.learner_batch(out, images),
-                 advantages=algos.compute_advantages(algorithm, rewards, F.group_size)[0])
-    config = step_lib.RLStepConfig(system, algorithm, space=space, top_layers=top_layers)
+                 advantages=algos.compute_advantages(algorithm, rewards, F.group_size)[0],
+                 loss_params=algos.loss_params(algorithm))
+    config = step_lib.RLStepConfig(system, space=space, top_layers=top_layers)
     batch["ref_logp"] = step_lib.reference_logprobs(config, params, batch)
     optimizer = state_lib.optimizer_config()
     optimizer.update(dict(learning_rate=1e-6, schedule="constant", trainable=trainable))

@@ -17,8 +17,12 @@ IMAGE, VSTART, VEND, PAD = 250, 252, 253, 0
 
 def pytest_configure(config):
   """One persistent compilation cache for the session (and the jobs its tests start in
-  subprocesses): the many tests that build the same programs compile each once."""
-  from latent_mca.compilation_cache import enable_compilation_cache
+  subprocesses): the many tests that build the same programs compile each once. XLA
+  compiles quickly (`fast_compile`): the tests' tiny programs compile far longer than
+  they run. Subprocesses inherit both through the environment."""
+  from latent_mca.compilation_cache import enable_compilation_cache, fast_compile
+
+  assert fast_compile(), "JAX started its backends before pytest_configure"
 
   directory = tempfile.mkdtemp(prefix="latent_mca_jax_cache_")
   config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))

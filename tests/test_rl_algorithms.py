@@ -14,7 +14,7 @@ import pytest
 from latent_mca.rl import (ALGORITHMS, AlgorithmConfig, aggregate, bnpo_advantages,
                            bnpo_beta_params, compute_advantages, dr_grpo_advantages,
                            get_algorithm, group_row_indices, groups_with_signal,
-                           grpo_advantages, k3_kl, overlong_penalty, overlong_reward_shaping,
+                           grpo_advantages, k3_kl, loss_params, overlong_penalty, overlong_reward_shaping,
                            policy_loss, select_groups_with_signal, seq_mean_token_mean,
                            seq_sum_over_constant, shape_rewards, token_mean)
 
@@ -342,3 +342,26 @@ def test_everything_jits():
   shaped = jax.jit(shape_rewards, static_argnums=0, static_argnames="max_length")(
       get_algorithm("dapo"), rewards, jnp.array([1, 8, 9, 10]), max_length=10)
   np.testing.assert_allclose(shaped, [1.0, 0.0, -0.5, 0.0])
+
+
+def test_loss_params_give_each_algorithms_loss_from_one_compiled_program():
+  rng = np.random.RandomState(0)
+  logp, old, ref = (jnp.asarray(rng.randn(2, 4).astype(np.float32) * 0.3) for _ in range(3))
+  adv, mask = jnp.array([0.7, -1.2]), jnp.asarray(MASK)
+  traces = []
+
+  @jax.jit
+  def loss_of(params):
+    traces.append(1)
+    return jax.value_and_grad(lambda lp: policy_loss(params, lp, old, ref, adv, mask)[0])(logp)
+
+  for name in ALGORITHMS:
+    algorithm = get_algorithm(name, kl_beta=0.05 if name != "dapo" else 0.0)
+    expected = jax.value_and_grad(
+        lambda lp, a=algorithm: policy_loss(a, lp, old, ref, adv, mask)[0])(logp)
+    got = loss_of(loss_params(algorithm))
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-7, err_msg=name)
+  assert len(traces) == 1
+  with pytest.raises(ValueError, match="pass ref_logp_bt"):
+    policy_loss(loss_params(get_algorithm("dapo")), logp, old, None, adv, mask)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from latent_mca.latent.steps import BACKBONE, LatentSystem
 from latent_mca.rl import algorithms as algos
 from latent_mca.rl import prompts as prompts_lib
 from latent_mca.rl import rollout as ro
@@ -51,7 +52,7 @@ def test_sharded_rollout_equals_single_device():
 def test_learner_recomputes_the_sampler_logprobs(tiny, space):
   system, params, _ = tiny
   out, batch = _rollout(space)
-  config = step_lib.RLStepConfig(system, algos.get_algorithm("grpo"), space=space)
+  config = step_lib.RLStepConfig(system, space=space)
   logp, entropy = jax.jit(functools.partial(step_lib.action_logprobs, config))(params, batch)
   mask = np.asarray(out.mask)
   assert mask.sum() > 0
@@ -92,8 +93,9 @@ def _update(tiny, space, trainable, top_layers=0, steps=2):
   rewards = np.linspace(0.0, 1.0, out.tokens.shape[0])
   algorithm = algos.get_algorithm("grpo")
   batch = dict(batch, advantages=algos.compute_advantages(algorithm, rewards,
-                                                          sampling().group_size)[0])
-  config = step_lib.RLStepConfig(system, algorithm, space=space, top_layers=top_layers)
+                                                          sampling().group_size)[0],
+               loss_params=algos.loss_params(algorithm))
+  config = step_lib.RLStepConfig(system, space=space, top_layers=top_layers)
   batch["ref_logp"] = step_lib.reference_logprobs(config, params, batch)
   optimizer = state_lib.optimizer_config()
   optimizer.update(dict(learning_rate=1e-3, schedule="constant", trainable=trainable))
@@ -136,3 +138,29 @@ def test_token_rl_trains_only_the_top_layers(tiny):
   for k in a:
     if k.startswith(("backbone/visual/", "policy/", "world_model/")):
       assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def _ablated(system, switch):
+  return LatentSystem.build(system.backbone.config,
+                            dataclasses.replace(system.config, **{switch: False}))
+
+
+def test_an_ablations_system_acts_as_the_full_system(tiny):
+  system, params, _ = tiny
+  assert system.for_acting() is system
+  for switch in ("use_cycle", "use_projector", "use_text_only"):
+    ablated = _ablated(system, switch)
+    assert ablated != system, switch
+    assert ablated.for_acting() == system and hash(ablated.for_acting()) == hash(system), switch
+    assert (jax.tree.structure(ablated.abstract(params[BACKBONE])) ==
+            jax.tree.structure(system.abstract(params[BACKBONE]))), switch
+
+
+def test_the_projector_switch_does_not_change_acting(tiny):
+  # The only switch with a branch outside the training losses (`text_states`).
+  system, params, extra = tiny
+  prompts, key = tiny_prompts(2), jax.random.key(1)
+  ours, theirs = (ro.jitted_rollout(s, space="latent", sampling=sampling())(
+      params, extra, prompts, key) for s in (system, _ablated(system, "use_projector")))
+  np.testing.assert_array_equal(ours.actions, theirs.actions)
+  np.testing.assert_allclose(ours.logp, theirs.logp, rtol=1e-6)

@@ -274,3 +274,24 @@ def test_cli_missing_config_file(tmp_path, overrides):
   assert result.returncode == 2
   assert missing in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_fast_compile_sets_xla_flags_only_before_the_backends_start(tmp_path):
+  script = textwrap.dedent("""
+      import os, jax
+      from latent_mca.compilation_cache import FAST_COMPILE_FLAGS, fast_compile
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+      assert fast_compile()
+      flags = os.environ["XLA_FLAGS"].split()
+      assert flags == ["--xla_force_host_platform_device_count=2", *FAST_COMPILE_FLAGS], flags
+      assert fast_compile() and os.environ["XLA_FLAGS"].split() == flags  # idempotent
+      assert jax.device_count() == 2  # XLA read the combined flags
+      os.environ["XLA_FLAGS"] = ""
+      assert not fast_compile()  # too late: the backends have started
+      assert os.environ["XLA_FLAGS"] == ""
+      print("ok")
+      """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=_REPO_ROOT), timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "ok"

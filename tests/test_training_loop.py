@@ -232,3 +232,30 @@ def test_a_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
   for a, b in zip(jax.tree.leaves(first[0].params), jax.tree.leaves(again[0].params)):
     np.testing.assert_array_equal(a, b)
   assert first[1] == again[1]
+
+
+def test_equal_optimizer_configs_share_one_transformation_and_one_trace():
+  config = state_lib.optimizer_config()
+  config.update(dict(learning_rate=1e-2, schedule="constant", trainable=("w",)))
+  again = state_lib.optimizer_config()
+  again.update(dict(learning_rate=1e-2, schedule="constant", trainable=["w"]))
+  tx = state_lib.make_optimizer(config, 4)
+  assert state_lib.make_optimizer(again, 4) is tx
+  assert state_lib.make_optimizer(config, 5) is not tx  # another horizon
+  assert state_lib.make_optimizer(config, 4, frozen=("w",)) is not tx
+  again.learning_rate = 2e-2
+  assert state_lib.make_optimizer(again, 4) is not tx
+
+  traces = []
+
+  @jax.jit
+  def step(state):
+    traces.append(1)
+    return state.apply_gradients({"w": jnp.ones(3)})
+
+  for _ in range(2):  # two runs, each building its optimizer and state afresh
+    state = state_lib.TrainState.create({"w": jnp.zeros(3)}, state_lib.make_optimizer(config, 4),
+                                        jax.random.key(0))
+    state = step(step(state))
+    np.testing.assert_allclose(state.params["w"], -0.02, rtol=1e-5)
+  assert len(traces) == 1

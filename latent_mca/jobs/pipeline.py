@@ -39,6 +39,7 @@ from absl import logging
 import transformers
 from tqdm import tqdm
 
+from latent_mca.compilation_cache import fast_compile
 from latent_mca.config_schema import ConfigError
 from latent_mca.data import real
 from latent_mca.data.tokenizers import train_bpe_tokenizer
@@ -65,6 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
   # seed, the first seed's in the workdir itself (so adding seeds to a finished run reuses
   # it), seed s's in workdir/seed_<s>; report then aggregates over all of them.
   c.seeds = ""
+  # XLA compiles quickly instead of producing fast code (`compilation_cache.fast_compile`):
+  # for tiny models, whose programs take longer to compile than to run (the smoke config).
+  c.xla_fast_compile = False
   # The real benchmarks, from local folders in their published layouts (`latent_mca.data.real`);
   # empty = the synthetic world's task of that kind. Either one replaces its task's four splits
   # (`tfds_builders.MMRoleTask` / `PCogAlignBenchTask`):
@@ -183,6 +187,7 @@ def smoke_config() -> ml_collections.ConfigDict:
   width 32, a few steps each): checks the whole graph, compiling most of the time."""
   c = default_config()
   c.stages = STUDY_STAGES
+  c.xla_fast_compile = True
   c.rl.algorithm, c.rl.action_space = "grpo,dr_grpo,dapo,bnpo", "token,latent"
   c.data.update(dict(paired_train=40, paired_test=8, text_train=40, text_test=8,
                      dialogue_in=40, dialogue_out=8))
@@ -309,6 +314,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: {sorted(STAGES)}")
+  if config.xla_fast_compile:
+    fast_compile()
   chosen = seeds(config)
   metrics = {}
   for seed in chosen:

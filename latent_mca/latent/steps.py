@@ -86,6 +86,15 @@ class LatentSystem:
   def config(self) -> LatentConfig:
     return self.modules.world_model.config
 
+  def for_acting(self) -> "LatentSystem":
+    """This system with the ablation switches (`use_cycle`, `use_projector`,
+    `use_text_only`) on. They change training only: acting (rollouts, the RL step) reads
+    the policy, codebook and world model, so an ablation's acting programs become the full
+    run's, and compile once."""
+    config = dataclasses.replace(self.config, use_cycle=True, use_projector=True,
+                                 use_text_only=True)
+    return self if config == self.config else LatentSystem.build(self.backbone.config, config)
+
   @property
   def vq(self) -> bool:
     return self.config.quantizer == "vq"

@@ -6,10 +6,10 @@ up with `get_algorithm(name)`, then `shape_rewards`, `compute_advantages` and
 """
 
 from latent_mca.rl.algorithms import (AGGREGATIONS, ADVANTAGES, ALGORITHMS, AlgorithmConfig,
-                                      aggregate, bnpo_advantages, bnpo_beta_params,
+                                      LossParams, aggregate, aggregate_by_index, bnpo_advantages, bnpo_beta_params,
                                       clipped_surrogate, compute_advantages, dr_grpo_advantages,
                                       get_algorithm, group_row_indices, groups_with_signal,
-                                      grpo_advantages, k3_kl, overlong_penalty,
+                                      grpo_advantages, k3_kl, loss_params, overlong_penalty,
                                       overlong_reward_shaping, policy_loss,
                                       select_groups_with_signal, seq_mean_token_mean,
                                       seq_sum_over_constant, shape_rewards, token_mean)

@@ -13,7 +13,9 @@ A run looks up its algorithm by name and threads the frozen config through:
   advantages_n, adv_metrics = compute_advantages(algorithm, rewards_n, G)
   loss, metrics = policy_loss(algorithm, logp_bt, old_logp_bt, ref_logp_bt, advantages_n, mask_bt)
 
-`AlgorithmConfig` is frozen and hashable, so it can be a static argument of `jax.jit`.
+`AlgorithmConfig` is frozen and hashable, so it can be a static argument of `jax.jit`;
+`loss_params(algorithm)` gives its loss numbers as arrays instead, so that one compiled
+learner step serves every algorithm.
 Dynamic sampling (DAPO) happens before the loss, on the rollout side:
 `select_groups_with_signal` picks the groups to train on from a pool of candidates.
 
@@ -26,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from latent_mca.latent.losses import masked_mean
 
@@ -303,6 +307,14 @@ def aggregate(aggregation: str, loss_bt, mask_bt, *, max_length: int | None = No
   raise ValueError(f"unknown aggregation {aggregation!r}; known: {', '.join(AGGREGATIONS)}")
 
 
+def aggregate_by_index(index, loss_bt, mask_bt, *, max_length: int | None = None):
+  """`aggregate` with the aggregation given by its index in `AGGREGATIONS`, an int or a
+  traced int32: every aggregation is computed (each is a masked sum) and one is taken."""
+  sums, counts = zip(*(aggregate(name, loss_bt, mask_bt, max_length=max_length)
+                       for name in AGGREGATIONS))
+  return jnp.stack(sums)[index], jnp.stack(counts)[index]
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-token terms.
 
@@ -428,6 +440,31 @@ def get_algorithm(name: str, **overrides) -> AlgorithmConfig:
   return dataclasses.replace(ALGORITHMS[name], **overrides)
 
 
+@flax.struct.dataclass
+class LossParams:
+  """The numbers of an algorithm's loss, as arrays (a pytree, so traced under jit).
+
+  Passed to `policy_loss` instead of the `AlgorithmConfig`, they make the loss's program
+  the same for every algorithm: a learner step compiles once and serves them all.
+
+  Attributes:
+    eps_low, eps_high, kl_beta: fp32 scalars, as in `AlgorithmConfig`.
+    aggregation: int32 scalar, the aggregation's index in `AGGREGATIONS`.
+  """
+
+  eps_low: jax.Array
+  eps_high: jax.Array
+  kl_beta: jax.Array
+  aggregation: jax.Array
+
+
+def loss_params(algorithm: AlgorithmConfig) -> LossParams:
+  """The algorithm's loss numbers as host arrays (see `LossParams`)."""
+  return LossParams(eps_low=np.float32(algorithm.eps_low), eps_high=np.float32(algorithm.eps_high),
+                    kl_beta=np.float32(algorithm.kl_beta),
+                    aggregation=np.int32(AGGREGATIONS.index(algorithm.aggregation)))
+
+
 def shape_rewards(algorithm: AlgorithmConfig, rewards_n, lengths_n, *, max_length: int):
   """Rewards after the algorithm's reward shaping (DAPO's overlong penalty, if enabled).
 
@@ -479,7 +516,7 @@ def compute_advantages(algorithm: AlgorithmConfig, rewards_n, group_size: int):
   return advantages_n, metrics
 
 
-def policy_loss(algorithm: AlgorithmConfig, logp_bt, old_logp_bt, ref_logp_bt, advantages_n,
+def policy_loss(algorithm: AlgorithmConfig | LossParams, logp_bt, old_logp_bt, ref_logp_bt, advantages_n,
                 mask_bt, *, max_length: int | None = None):
   """The algorithm's loss: clipped surrogate + kl_beta * k3 KL per token, aggregated.
 
@@ -489,10 +526,12 @@ def policy_loss(algorithm: AlgorithmConfig, logp_bt, old_logp_bt, ref_logp_bt, a
   masked before any exp, so neither the loss nor its gradient sees them.
 
   Args:
-    algorithm: the algorithm (clip ranges, kl_beta, aggregation).
+    algorithm: the algorithm (clip ranges, kl_beta, aggregation), or its `loss_params`
+      (arrays: one compiled program then serves every algorithm).
     logp_bt: [N, T] log-probs under the policy being trained.
     old_logp_bt: [N, T] log-probs under the policy that sampled the rollouts.
-    ref_logp_bt: [N, T] log-probs under the frozen reference, or None (needs kl_beta == 0).
+    ref_logp_bt: [N, T] log-probs under the frozen reference, or None (needs an
+      AlgorithmConfig with kl_beta == 0).
     advantages_n: [N] per-sequence advantages.
     mask_bt: [N, T] 1 on real response tokens.
     max_length: seq_sum_over_constant's constant (Dr.GRPO); None means T.
@@ -502,8 +541,14 @@ def policy_loss(algorithm: AlgorithmConfig, logp_bt, old_logp_bt, ref_logp_bt, a
     clip_fraction and ratio_mean (over real tokens) and, when a reference is
     given, kl (its token mean, also when kl_beta == 0).
   """
-  if ref_logp_bt is None and algorithm.kl_beta != 0:
-    raise ValueError(f"{algorithm.name}: kl_beta={algorithm.kl_beta} needs ref_logp_bt")
+  if isinstance(algorithm, AlgorithmConfig):
+    if ref_logp_bt is None and algorithm.kl_beta != 0:
+      raise ValueError(f"{algorithm.name}: kl_beta={algorithm.kl_beta} needs ref_logp_bt")
+    params = loss_params(algorithm)
+  elif ref_logp_bt is None:
+    raise ValueError("LossParams carry kl_beta as an array: pass ref_logp_bt")
+  else:
+    params = algorithm
   chex.assert_rank([logp_bt, old_logp_bt, advantages_n, mask_bt], [2, 2, 1, 2])
   chex.assert_equal_shape([logp_bt, old_logp_bt, mask_bt])
   chex.assert_equal_shape([advantages_n, mask_bt[:, 0]])
@@ -517,19 +562,20 @@ def policy_loss(algorithm: AlgorithmConfig, logp_bt, old_logp_bt, ref_logp_bt, a
   logp = real(logp_bt)
   log_ratio_bt = logp - real(old_logp_bt)
   advantages_bt = jnp.broadcast_to(advantages_n.astype(jnp.float32)[:, None], logp.shape)
-  pg_bt, is_clipped_bt = clipped_surrogate(log_ratio_bt, advantages_bt, algorithm.eps_low,
-                                           algorithm.eps_high)
+  pg_bt, is_clipped_bt = clipped_surrogate(log_ratio_bt, advantages_bt, params.eps_low,
+                                           params.eps_high)
   loss_bt = pg_bt
   metrics = {}
   if ref_logp_bt is not None:
     chex.assert_equal_shape([ref_logp_bt, logp_bt])
     kl_bt = k3_kl(logp, real(ref_logp_bt))
     metrics["kl"] = masked_mean(token_mean(kl_bt, mask))
-    if algorithm.kl_beta:
-      loss_bt = pg_bt + algorithm.kl_beta * kl_bt
+    if not (isinstance(algorithm, AlgorithmConfig) and algorithm.kl_beta == 0):
+      loss_bt = pg_bt + params.kl_beta * kl_bt
 
   def agg(x_bt):
-    return masked_mean(aggregate(algorithm.aggregation, x_bt, mask, max_length=max_length))
+    return masked_mean(aggregate_by_index(params.aggregation, x_bt, mask,
+                                          max_length=max_length))
 
   metrics.update(
       pg_loss=agg(pg_bt),

@@ -3,9 +3,10 @@
 `learner_batch(rollout, images)` turns a rollout into the learner's batch: the
 prompt + response sequences (input_ids, attention_mask and the repeated images),
 the actions, the sampler's log-probs ("old_logp") and the response mask. The caller
-adds "advantages" [N] (`algorithms.compute_advantages` on the judge's rewards) and,
-when the algorithm has a KL term, "ref_logp" (`action_logprobs` under the frozen
-reference params).
+adds "advantages" [N] (`algorithms.compute_advantages` on the judge's rewards),
+"loss_params" (`algorithms.loss_params(algorithm)`: the clip ranges, KL weight and
+aggregation as arrays, so one compiled step serves every algorithm) and "ref_logp"
+(`reference_logprobs` under the frozen reference params).
 
 `rl_step(state, batch, rng, *, config) -> (state, metrics)` recomputes the actions'
 log-probs under `state.params`, applies the algorithm's loss, and updates what the
@@ -34,10 +35,9 @@ from latent_mca.training.state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class RLStepConfig:
-  """Static settings of `rl_step` (hashable)."""
+  """Static settings of `rl_step` (hashable); the algorithm is data (batch["loss_params"])."""
 
   system: LatentSystem
-  algorithm: algos.AlgorithmConfig
   space: str = LATENT
   temperature: float = 1.0  # of the acting distribution, as the sampler's
   top_layers: int = 0  # token space: decoder layers that train, counted from the top; 0 = all
@@ -93,7 +93,8 @@ def _freeze_lower_layers(grads, top_layers: int):
 
 
 def rl_step(state: TrainState, batch: dict, rng, *, config: RLStepConfig):
-  """One policy-gradient update on a rollout's learner batch (plus "advantages", "ref_logp").
+  """One policy-gradient update on a rollout's learner batch (plus "advantages",
+  "loss_params" and "ref_logp").
 
   Metrics: loss, pg_loss, kl, clip_fraction, ratio_mean (the algorithm's), entropy
   (mean over response tokens of the acting distribution's entropy), logp_mismatch
@@ -106,8 +107,8 @@ def rl_step(state: TrainState, batch: dict, rng, *, config: RLStepConfig):
 
   def loss_fn(params):
     logp, entropy = action_logprobs(config, params, batch)
-    loss, metrics = algos.policy_loss(config.algorithm, logp, batch["old_logp"],
-                                      batch.get("ref_logp"), batch["advantages"], batch["mask"],
+    loss, metrics = algos.policy_loss(batch["loss_params"], logp, batch["old_logp"],
+                                      batch["ref_logp"], batch["advantages"], batch["mask"],
                                       max_length=batch["actions"].shape[1])
     metrics = dict(metrics, entropy=jnp.sum(entropy * mask) / tokens,
                    logp_mismatch=jnp.sum(jnp.abs(logp - batch["old_logp"]) * mask) / tokens)
@@ -123,5 +124,5 @@ def rl_step(state: TrainState, batch: dict, rng, *, config: RLStepConfig):
 
 @functools.partial(jax.jit, static_argnames="config")
 def reference_logprobs(config: RLStepConfig, ref_params, batch):
-  """The frozen reference's log-probs of the actions (for the KL term)."""
+  """The frozen reference's log-probs of the actions (for the KL term and its metric)."""
   return action_logprobs(config, ref_params, batch)[0]

@@ -15,8 +15,9 @@ its top `token_top_layers` decoder layers, embeddings, final norm and LM head. E
      judge of the synthetic world by default, or an LLM judge behind an OpenAI-compatible
      endpoint; either way the response's scores over the reference reply's), DAPO's
      overlong shaping when on;
-  3. advantages and one `rl_step` (with the k3 KL against the starting policy when the
-     algorithm has one).
+  3. advantages and one `rl_step`, with the k3 KL against the starting policy (logged
+     always, in the loss when the algorithm weighs it). One compiled step serves every
+     algorithm of a space: the loss's numbers are its inputs (`algorithms.loss_params`).
 
 Prompts longer than rl.prompt_length tokens (image included) are left out, and how
 many is logged (as verl's filter_overlong_prompts). Under workdir/rl_<space>_<algorithm>/:
@@ -153,7 +154,8 @@ def _rollout_program(system, mesh: Mesh, space: str, sampling: rollout_lib.Sampl
 
 @functools.cache
 def _compiled_step(config: step_lib.RLStepConfig):
-  """One jitted `rl_step` per config, shared by every run in the process (resumes, evals)."""
+  """One jitted `rl_step` per config (a space's, not an algorithm's), shared by every run in
+  the process."""
   return jax.jit(functools.partial(step_lib.rl_step, config=config), donate_argnums=0)
 
 
@@ -191,7 +193,9 @@ class RLRunner:
     self.encoder = _diversity_encoder(r.diversity_model)
     self.processor = Processor(data_lib.load_tokenizer(config, workdir))
     model_cfg = backbone_lib.model_config(config, self.processor)
-    self.system = steps_lib.LatentSystem.build(model_cfg, latent_lib.latent_config(config))
+    # for_acting: an ablation's run uses the full run's programs (compiled once).
+    self.system = steps_lib.LatentSystem.build(
+        model_cfg, latent_lib.latent_config(config)).for_acting()
     self.devices = jax.device_count()
     if r.prompts_per_step % self.devices:
       raise ValueError(f"rl.prompts_per_step={r.prompts_per_step} must be a multiple of the "
@@ -207,7 +211,7 @@ class RLRunner:
     self.rollout = _rollout_program(self.system, mesh, self.space,
                                     _sampling(config, model_cfg, self.space, r.group_size))
     self.step_config = step_lib.RLStepConfig(
-        self.system, self.algorithm, space=self.space, temperature=r.temperature,
+        self.system, space=self.space, temperature=r.temperature,
         top_layers=r.token_top_layers if self.space == rollout_lib.TOKEN else 0)
     self.step = _compiled_step(self.step_config)
 
@@ -229,7 +233,9 @@ class RLRunner:
     prompts = prompts_lib.collate_prompts([p for _, _, p in items], self.processor.pad_token_id,
                                           self.config.rl.prompt_length, self.patches,
                                           shards=self.devices)
-    out = self.rollout(params, self.extra, prompts, rng)
+    # Committed like the training keys (split from the replicated state.rng), so that
+    # evaluations and training steps call the program with one signature: one compile.
+    out = self.rollout(params, self.extra, prompts, jax.device_put(rng, self.replicated))
     texts = rollout_lib.response_texts(out, self.processor.tokenizer.decode)
     g = self.config.rl.group_size
     rewards = [r for i, (_, example, _) in enumerate(items)
@@ -259,8 +265,12 @@ class RLRunner:
     batch = step_lib.learner_batch(out, prompts_lib.repeated_images(
         [p for _, _, p in items], g, self.patches))
     batch["advantages"] = advantages
-    if self.algorithm.kl_beta > 0:
-      batch["ref_logp"] = step_lib.reference_logprobs(self.step_config, self.params, batch)
+    batch["loss_params"] = algos.loss_params(self.algorithm)
+    # Also without a KL term in the loss (DAPO): the kl metric still tracks the drift.
+    batch["ref_logp"] = step_lib.reference_logprobs(self.step_config, self.params, batch)
+    # Placed like the state: DAPO's re-indexed rows would otherwise reach the step placed
+    # differently from the other algorithms' batches, and compile it again.
+    batch = jax.device_put(batch, self.replicated)
     state, step_metrics = self.step(state, batch, step_rng)
     metrics.update(step_metrics, **adv_metrics, reward_raw_mean=float(np.mean(raw)))
     return state, metrics
@@ -269,10 +279,12 @@ class RLRunner:
     """Mean judge reward of G samples per fixed prompt (its spread over prompts, and each
     prompt's mean: "per_prompt"), and the groups' diversity when an encoder is configured
     (with each prompt's group's: "diversity_per_prompt")."""
-    g, chunk = self.config.rl.group_size, self.pool  # the training rollout's shape: no compile
+    # Chunks of prompts_per_step prompts: every algorithm's evaluation (DAPO's, whose
+    # training pool is larger, too) samples the same prompts with the same keys.
+    g, chunk = self.config.rl.group_size, self.config.rl.prompts_per_step
     if len(items) < chunk:
-      raise ValueError(f"rl.eval_prompts={len(items)} must be at least the {chunk} prompts "
-                       "of a training rollout")
+      raise ValueError(f"rl.eval_prompts={len(items)} must be at least "
+                       f"rl.prompts_per_step={chunk}")
     rewards, groups = [], []
     for i in range(0, len(items) - len(items) % chunk, chunk):
       _, texts, raw = self.sample(params, items[i:i + chunk], jax.random.fold_in(

@@ -16,6 +16,8 @@ construction rather than by a convention each train_step must remember.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from typing import Any, Optional, Sequence
 
@@ -152,6 +154,10 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
                    frozen: Sequence[str] = ()) -> optax.GradientTransformation:
   """AdamW with clipping and the configured schedule on `config.trainable`; zero updates elsewhere.
 
+  Equal arguments give the same transformation object. The state carries it as static
+  data, so a jitted step is traced once per process for every run with this optimizer
+  (the RL stage's algorithms, resumed and repeated stages), not once per run.
+
   Args:
     config: fields of `optimizer_config()`.
     num_steps: the stage's number of updates (the cosine schedule's horizon).
@@ -160,6 +166,13 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
   Returns:
     A transformation whose state holds moments for the trainable parameters only.
   """
+  spec = json.dumps(ml_collections.ConfigDict(config).to_dict(), sort_keys=True)
+  return _optimizer(spec, num_steps, tuple(frozen))
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(spec: str, num_steps: int, frozen: tuple[str, ...]) -> optax.GradientTransformation:
+  config = ml_collections.ConfigDict(json.loads(spec))
   steps = []
   if config.grad_clip_norm:
     steps.append(optax.clip_by_global_norm(config.grad_clip_norm))
