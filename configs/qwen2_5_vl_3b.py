@@ -86,7 +86,7 @@ def reference_config(checkpoint: str | None) -> ml_collections.ConfigDict:
   c.backbone.checkpoint = checkpoint or config_dict.placeholder(str)
   # backbone.text / vision / tie_word_embeddings come from the checkpoint's config.json.
   # No dtype field: float32 throughout (SPEC names no training dtype either).
-  c.backbone.remat = True
+  c.backbone.remat = "full"
   # The synthetic world; sizes not in SPEC. Dialogues: 50% sft / 40% rl / 10% test_in.
   # --config.data.mmrole_dir / pcogalign_dir replace its dialogue tasks by the benchmarks.
   c.data.update(dict(image_size=224, paired_train=20000, paired_test=200, text_train=20000,

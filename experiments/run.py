@@ -11,6 +11,12 @@ The resolved config is written to `DIR/config.json` (an earlier, different
 one is kept as `DIR/config.<N>.json`), then the job runs and its final
 metrics are written to `DIR/metrics_final.json`.
 
+Multi-host: every process runs the same command; `latent_mca.parallel.distributed`
+starts JAX's distributed runtime first, from the config's `distributed` block
+(`distributed.distributed_config()`, for jobs that declare one) or the environment
+(LATENT_MCA_COORDINATOR, LATENT_MCA_NUM_PROCESSES, LATENT_MCA_PROCESS_ID), and
+process 0 alone writes config.json and metrics_final.json.
+
 Config problems (unknown or ill-typed fields, unknown job, missing config
 file, bad flags) are printed to stderr without a traceback, exit status 2.
 """
@@ -31,6 +37,7 @@ from latent_mca.compilation_cache import enable_compilation_cache
 from latent_mca.config_schema import add_missing_defaults
 from latent_mca.config_schema import ConfigError
 from latent_mca.config_schema import validate_config
+from latent_mca.parallel import distributed
 
 _USAGE_ERROR_STATUS = 2
 
@@ -233,15 +240,25 @@ def main(argv: Sequence[str]) -> None:
   except ConfigError as e:
     _fail(str(e))
 
+  try:
+    # Before anything starts JAX's backends; a no-op for a single process.
+    distributed.initialize(config.get("distributed"))
+  except ValueError as e:
+    _fail(str(e))
+  # Every process runs the job; process 0 alone writes the run's own files.
+  is_main = distributed.is_main_process()
+
   if _CACHE.value:
     enable_compilation_cache(_CACHE.value)
   os.makedirs(workdir, exist_ok=True)
-  config_path = write_config(config, workdir)
-  logging.info("Job %s, workdir %s, config (%s):\n%s",
-               config.job, workdir, config_path, config)
+  if is_main:
+    config_path = write_config(config, workdir)
+    logging.info("Job %s, workdir %s, config (%s):\n%s",
+                 config.job, workdir, config_path, config)
   metrics = job.run(config, workdir)
-  metrics_path = write_metrics(metrics, workdir)
-  logging.info("Final metrics (%s): %s", metrics_path, metrics)
+  if is_main:
+    metrics_path = write_metrics(metrics, workdir)
+    logging.info("Final metrics (%s): %s", metrics_path, metrics)
 
 
 if __name__ == "__main__":

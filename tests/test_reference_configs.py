@@ -38,7 +38,7 @@ def test_validates_with_a_checkpoint(path, how):
   job, config = run.resolve_config(raw)  # the runner's validation, against default_config()
   assert job is pipeline
   assert config.backbone.checkpoint == _CHECKPOINT
-  assert config.backbone.remat
+  assert config.backbone.remat == "full"
   assert config.stages.split(",") == pipeline.ALL_STAGES.split(",") + [
       "rl", "evaluate", "report"]
 

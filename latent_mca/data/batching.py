@@ -226,6 +226,26 @@ def collate(examples: Sequence[Mapping[str, Any]],
   return out
 
 
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """The rows of a batch of `batch_size` that process `process_index` of `process_count` holds.
+
+  Process p of P holds rows [p * b / P, (p + 1) * b / P), so the processes' rows,
+  concatenated in process order, are the batch in order.
+
+  Raises:
+    ValueError: a batch the processes cannot share equally, or a bad process index.
+  """
+  if not _is_int(process_count) or process_count <= 0:
+    raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+  if not _is_int(process_index) or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+  if not _is_int(batch_size) or batch_size < 0 or batch_size % process_count:
+    raise ValueError(f"a batch of {batch_size!r} rows cannot be shared equally by "
+                     f"{process_count} processes")
+  share = batch_size // process_count
+  return slice(process_index * share, (process_index + 1) * share)
+
+
 class DataLoader:
   """Shuffled, sharded, resumable batches over a random-access source.
 
@@ -236,10 +256,13 @@ class DataLoader:
   drop_remainder=False the last one is shorter. Neither depends on the number of
   processes.
 
-  Sharding: process p of P gets rows [p * b / P, (p + 1) * b / P) of each global batch
-  of b examples, so concatenating the processes' batches in process order gives the
-  global batch's examples in order. Each process collates its own share: with P > 1
-  pad to fixed shapes (pad_to, pad_images_to) so every process's arrays agree.
+  Sharding: process p of P gets rows `process_rows(b, p, P)` = [p * b / P,
+  (p + 1) * b / P) of each global batch of b examples, so concatenating the processes'
+  batches in process order gives the global batch's examples in order
+  (`latent_mca.parallel.distributed.global_batch` does, on the devices). Each process
+  collates its own share: with P > 1 pad to a fixed length (pad_to) so every process's
+  arrays agree. Image inputs do not concatenate that way: each process's pixel_values
+  end in its own dummy images (see the module docstring).
 
   Position: iterating yields batches and advances (epoch, step), the next global batch
   to serve. `state()` is that position; a loader built with `state=` or `restore()`d
@@ -369,14 +392,14 @@ class DataLoader:
       raise ValueError(f"step must be in [0, {self.steps_per_epoch}), got {step}")
     start = step * self._batch_size
     stop = min(start + self._batch_size, self._num_examples)
-    share = (stop - start) // self._process_count
-    start += self._process_index * share
+    rows = process_rows(stop - start, self._process_index, self._process_count)
+    start, stop = start + rows.start, start + rows.stop
     if not self._shuffle:
-      return np.arange(start, start + share)
+      return np.arange(start, stop)
     if self._order is None or self._order[:2] != (self._seed, epoch):
       rng = np.random.default_rng([self._seed, epoch])
       self._order = (self._seed, epoch, rng.permutation(self._num_examples))
-    return self._order[2][start:start + share]
+    return self._order[2][start:stop]
 
   def __iter__(self) -> "DataLoader":
     return self

@@ -43,6 +43,7 @@ from latent_mca.compilation_cache import fast_compile
 from latent_mca.config_schema import ConfigError
 from latent_mca.data import real
 from latent_mca.data.tokenizers import train_bpe_tokenizer
+from latent_mca.parallel import mesh as mesh_lib
 from latent_mca.stages import ablations as ablations_lib
 from latent_mca.stages import backbone
 from latent_mca.stages import data as data_lib
@@ -50,6 +51,7 @@ from latent_mca.stages import evaluate as evaluate_lib
 from latent_mca.stages import latent
 from latent_mca.stages import report as report_lib
 from latent_mca.stages import rl
+from latent_mca.training import precision
 from latent_mca.training.state import optimizer_config
 
 
@@ -109,8 +111,16 @@ def default_config() -> ml_collections.ConfigDict:
       vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
                   fullatt_block_indexes=(1,)),
       tie_word_embeddings=True,
-      remat=False,  # checkpoint each block in the backward pass (real sizes)
+      # Rematerialisation of each block in the backward pass (real sizes): "none", "full",
+      # "dots_saveable" or "dots_with_no_batch_dims_saveable" (`qwen2_5_vl.REMAT_POLICIES`).
+      remat="none",
   ))
+  # Parallelism and numerics of the training stages: the mesh (by default every device
+  # data-parallel) and the logical-axis rules (`latent_mca.parallel.mesh`); the compute and
+  # parameter dtypes (`latent_mca.training.precision`: fp32, or a bf16 forward over fp32
+  # master weights).
+  c.mesh = mesh_lib.mesh_config()
+  c.precision = precision.precision_config()
   # Backbone pretraining on paired (answer after the image) + text-only documents, all
   # parameters; batches of batch_size x seq_len tokens (the ~1% of longer examples are cut
   # at the end) with an image budget of one image per example. eval_examples: per held-out

@@ -9,7 +9,9 @@
     role-play and personalised dialogues' sft split (assistant turns only).
 
 Both run `latent_mca.training.train` (jitted, checkpointed, resumable to the bit) with
-one `train_step`, and write under workdir/<stage>/:
+one `train_step` on the mesh of `config.mesh` (`latent_mca.parallel.mesh`; by default
+every device on data parallelism), in the numerics of `config.precision`, and write
+under workdir/<stage>/:
 
   checkpoints/, metrics.jsonl  the loop's (loss, accuracy, grad_norm; eval/ metrics).
   curves.png                   train loss and accuracy, eval loss by held-out set.
@@ -42,7 +44,9 @@ from latent_mca.data.batching import DataLoader
 from latent_mca.data.tokenizers import ENDOFTEXT, VISION_END, VISION_START
 from latent_mca.models import qwen2_5_vl
 from latent_mca.stages import data as data_lib
-from latent_mca.training import checkpoint, loop, metrics as metrics_lib, state as state_lib
+from latent_mca.parallel import mesh as mesh_lib
+from latent_mca.training import checkpoint, loop, metrics as metrics_lib, precision
+from latent_mca.training import state as state_lib
 
 PRETRAIN, SFT = "pretrain", "sft"
 
@@ -50,15 +54,17 @@ PRETRAIN, SFT = "pretrain", "sft"
 def model_config(config, processor) -> qwen2_5_vl.Qwen2_5_VLConfig:
   """The backbone's configuration: the checkpoint's, or the tiny one of `config.backbone`.
 
-  The tiny model's vocabulary is the tokenizer's (len(tokenizer) rows) and its special
-  token ids are the tokenizer's.
+  Both take `config.backbone.remat` and the dtypes of `config.precision`. The tiny
+  model's vocabulary is the tokenizer's (len(tokenizer) rows) and its special token ids
+  are the tokenizer's.
 
   Raises:
     ValueError: a checkpoint whose vocabulary or image token does not fit the tokenizer.
   """
   b = config.backbone
+  numerics = dict(remat=b.remat, **precision.model_dtypes(config.precision))
   if b.checkpoint:
-    model = qwen2_5_vl.read_config(b.checkpoint, remat=b.remat)
+    model = qwen2_5_vl.read_config(b.checkpoint, **numerics)
     tokenizer_size = len(processor.tokenizer)
     if model.text.vocab_size < tokenizer_size or model.image_token_id != processor.image_token_id:
       raise ValueError(f"{b.checkpoint}: the model (vocabulary {model.text.vocab_size}, image "
@@ -78,7 +84,7 @@ def model_config(config, processor) -> qwen2_5_vl.Qwen2_5_VLConfig:
       vision_start_token_id=token_id(VISION_START),
       vision_end_token_id=token_id(VISION_END),
       bos_token_id=None, eos_token_id=(tokenizer.eos_token_id, token_id(ENDOFTEXT)),
-      pad_token_id=processor.pad_token_id, remat=b.remat)
+      pad_token_id=processor.pad_token_id, **numerics)
 
 
 def _hashable(fields) -> dict:
@@ -233,14 +239,20 @@ def _run(config, workdir: str, stage: str, data: data_lib.StageData,
   eval_sets = {name: data_lib.eval_batches(data, name, c.eval_examples) for name in data.eval}
   eval_fn = make_eval_fn(model, eval_sets)
   tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
-  state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
+  make_state = functools.partial(state_lib.TrainState.create, tx=tx,
+                                 rng=jax.random.key(config.seed))
+  layout = mesh_lib.Layout.from_config(config.mesh, make_state,
+                                       qwen2_5_vl.abstract_params(model.config))
+  mesh_lib.check_batch_size(c.batch_size, layout.mesh, layout.rules,
+                            f"config.{stage}.batch_size")
+  state = layout.init_state(make_state, params)
   initial = cached_json(os.path.join(stage_dir, "eval_initial.json"),
                          lambda: metrics_lib.scalars(eval_fn(state)))
   clock = _TokenClock(data_lib.train_loader(data, seed=config.seed))
   state, history = loop.train(
       stage, workdir, state, functools.partial(train_step, model=model), clock, c.num_steps,
       eval_fn=eval_fn, eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-      log_every=c.log_every)
+      log_every=c.log_every, layout=layout)
   _save_hf(model, state.params, data.processor, os.path.join(stage_dir, "hf"), c.num_steps)
   metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
                            os.path.join(stage_dir, "curves.png"),

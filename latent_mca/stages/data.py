@@ -44,6 +44,7 @@ from latent_mca.data.image_processing import ImageProcessorConfig, square_size
 from latent_mca.data.processor import Processor
 from latent_mca.data.tokenizers import (ENDOFTEXT, IM_END, IMAGE_PAD, VISION_END, VISION_START,
                                         load_qwen_tokenizer)
+from latent_mca.parallel import distributed
 
 Segment = tuple[str, bool]  # (text, whether the loss learns its tokens)
 
@@ -428,8 +429,10 @@ def latent_data(config, workdir: str, seq_len: int, batch_size: int) -> dict[str
 
 
 def train_loader(data: StageData, seed: int) -> DataLoader:
-  """Shuffled batches of `data.train`, endlessly, resumable through `state()` / `restore()`."""
-  return DataLoader(data.train, data.batch_size, collate_fn=data.collate_fn, seed=seed)
+  """Shuffled batches of `data.train`, endlessly, resumable through `state()` / `restore()`;
+  with several processes, each reads its own rows of every batch."""
+  return DataLoader(data.train, data.batch_size, collate_fn=data.collate_fn, seed=seed,
+                    **distributed.process_shard())
 
 
 def eval_batches(data: StageData, name: str, max_examples: int = 0) -> list[dict]:

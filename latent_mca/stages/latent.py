@@ -14,7 +14,9 @@ and fresh latent modules; each later one from the final checkpoint of the enable
 before it, and raises `CheckpointNotFoundError` naming that stage when it is missing.
 The frozen backbone (stages 1-4) never gets a gradient; which parameters a stage trains
 is its optimizer's `trainable` patterns (defaults in `default_config`), so everything
-else is frozen by construction. Each stage writes under workdir/<stage>/:
+else is frozen by construction. Each stage trains on the mesh of `config.mesh`
+(`latent_mca.parallel.mesh`: parameters and optimizer state sharded by the logical-axis
+rules, batches split over data parallelism) and writes under workdir/<stage>/:
 
   checkpoints/, metrics.jsonl  the loop's: the step's losses, and eval/ measurements on
                                the held-out paired and text-only sets (latent_sft: the
@@ -46,8 +48,11 @@ from absl import logging
 from latent_mca.data.batching import DataLoader, ZipLoader
 from latent_mca.data.processor import Processor
 from latent_mca.latent import steps as steps_lib
+from latent_mca.latent.codebook import CODEBOOK_STATE
 from latent_mca.latent.config import LatentConfig
 from latent_mca.models import qwen2_5_vl
+from latent_mca.parallel import distributed
+from latent_mca.parallel import mesh as mesh_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import data as data_lib
 from latent_mca.training import checkpoint, loop, metrics as metrics_lib, state as state_lib
@@ -193,6 +198,16 @@ def _plot(stage_dir: str, panels: list) -> None:
                            os.path.join(stage_dir, "curves.png"), panels, skip_missing=True)
 
 
+def boxed_params(system: steps_lib.LatentSystem) -> dict:
+  """The shapes of `system.init`'s params (backbone and latent modules), boxed with their
+  logical axis names (nn.Partitioned): what `latent_mca.parallel.mesh` shards by."""
+  boxed = {steps_lib.BACKBONE: qwen2_5_vl.abstract_params(system.backbone.config)}
+  for name, collections in system.modules.abstract().items():
+    if CODEBOOK_STATE not in collections:
+      boxed[name] = collections["params"]
+  return boxed
+
+
 def initial_variables(config, workdir: str, stage: str, system: steps_lib.LatentSystem,
                       model_cfg: qwen2_5_vl.Qwen2_5_VLConfig) -> tuple[dict, dict]:
   """(params, extra) a stage starts from: the previous enabled stage's final ones, or for
@@ -241,7 +256,8 @@ def run_stage(config, workdir: str, stage: str, measure: bool = True) -> dict:
                        "is paired, half text-only")
     data = data_lib.latent_data(config, workdir, c.seq_len, c.batch_size // len(parts))
     loader = ZipLoader({p: DataLoader(data[p].train, data[p].batch_size,
-                                      collate_fn=data[p].collate_fn, seed=config.seed + i)
+                                      collate_fn=data[p].collate_fn, seed=config.seed + i,
+                                      **distributed.process_shard())
                         for i, p in enumerate(parts)})
     eval_sets = {name: data_lib.eval_batches(part, name, c.eval_examples)
                  for name, part in data.items()}
@@ -249,7 +265,16 @@ def run_stage(config, workdir: str, stage: str, measure: bool = True) -> dict:
 
   frozen = () if latent.use_projector else _PROJECTORS
   tx = state_lib.make_optimizer(c.optimizer, c.num_steps, frozen=frozen)
-  state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed), extra)
+  make_state = functools.partial(state_lib.TrainState.create, tx=tx,
+                                 rng=jax.random.key(config.seed), extra=extra)
+  layout = mesh_lib.Layout.from_config(config.mesh, make_state, boxed_params(system))
+  if stage == "latent_sft":
+    mesh_lib.check_batch_size(c.batch_size, layout.mesh, layout.rules,
+                              "config.latent_sft.batch_size")
+  else:
+    mesh_lib.check_batch_size(c.batch_size // len(parts), layout.mesh, layout.rules,
+                              f"config.{stage}.batch_size / {len(parts)} (each part's)")
+  state = layout.init_state(make_state, params)
   stage_dir = os.path.join(workdir, stage)
   os.makedirs(stage_dir, exist_ok=True)
   initial = {}
@@ -261,7 +286,7 @@ def run_stage(config, workdir: str, stage: str, measure: bool = True) -> dict:
   state, history = loop.train(stage, workdir, state, step, loader, c.num_steps,
                               eval_fn=eval_fn if measure else None,
                               eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-                              log_every=c.log_every)
+                              log_every=c.log_every, layout=layout)
   _plot(stage_dir, _panels(stage, list(eval_sets)))
   final = loop.final_metrics(history)
   out = {f"{stage}/{k}": v for k, v in final.items()}

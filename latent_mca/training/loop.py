@@ -8,6 +8,11 @@ latest checkpoint. Under `workdir/<stage>/`:
   checkpoints/<step>/   see `latent_mca.training.checkpoint`.
   metrics.jsonl         one line per logged step, see `latent_mca.training.metrics`.
 
+Given a `latent_mca.parallel.mesh.Layout`, the step is jitted with the state's
+shardings in and out (still donated), each batch is placed on the mesh and the step
+runs with the mesh and logical-axis rules in context, so the activations' logical
+constraints shard them too. Without one, the step is jitted as it is.
+
 Step s (1-based) is the s-th update: it consumes the loader's s-th batch and the key
 `fold_in(state.rng, s)`, and leaves `state` after s updates. Nothing else varies
 between runs, so a stage killed and resumed ends with the same bits as one that ran
@@ -24,6 +29,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
+from latent_mca.parallel.mesh import Layout
 from latent_mca.training.checkpoint import Checkpointer
 from latent_mca.training.metrics import MetricsLog, scalars
 
@@ -52,6 +58,31 @@ def _with_rng(train_step: Callable) -> Callable:
   return step_fn
 
 
+def jit_step(train_step: Callable, layout: Optional[Layout] = None) -> Callable:
+  """`train_step` as `train` runs it: (state, batch, step) -> (state, metrics), the state
+  donated, the key `fold_in(state.rng, step)`.
+
+  With a layout the state keeps `layout.state`'s shardings in and out, the metrics come
+  back replicated, and the batch keeps the shardings it was placed with
+  (`layout.put_batch`); call it inside `layout.context()`.
+  """
+  if layout is None:
+    return jax.jit(_with_rng(train_step), donate_argnums=0)
+  return jax.jit(_with_rng(train_step), donate_argnums=0,
+                 in_shardings=(layout.state, None, layout.replicated),
+                 out_shardings=(layout.state, layout.replicated))
+
+
+def _on_mesh(jitted: Callable, layout: Layout) -> Callable:
+  """The jitted step fed host batches: placed on the mesh, run in the layout's context."""
+
+  def step_fn(state, batch, step):
+    with layout.context():
+      return jitted(state, layout.put_batch(batch), step)
+
+  return step_fn
+
+
 def train(stage_name: str,
           workdir: str,
           init_state,
@@ -63,7 +94,8 @@ def train(stage_name: str,
           eval_every: int = 0,
           checkpoint_every: int = 1000,
           log_every: int = 50,
-          keep_checkpoints: int = 3) -> tuple[Any, list[dict]]:
+          keep_checkpoints: int = 3,
+          layout: Optional[Layout] = None) -> tuple[Any, list[dict]]:
   """Trains a stage to `num_steps` updates, resuming from its latest checkpoint if any.
 
   Args:
@@ -84,24 +116,33 @@ def train(stage_name: str,
     checkpoint_every: checkpoint every this many steps, and after the last one.
     log_every: log the step's train metrics every this many steps, and the last one.
     keep_checkpoints: how many of the newest checkpoints to keep.
+    layout: where the step runs (`latent_mca.parallel.mesh.Layout`); init_state must
+      have its shardings (`layout.init_state`), and a resumed state is restored into
+      them. None runs the step where its inputs are (one device).
 
   Returns:
     (the state after num_steps updates, the metric records of every logged step,
     each {"step": s, **metrics}: what metrics.jsonl holds).
 
   Raises:
-    ValueError: a non-positive interval (or a negative eval_every), or a loader that
-      runs out of batches before num_steps.
+    ValueError: a non-positive interval (or a negative eval_every), a loader that runs out
+      of batches before num_steps, or several processes without a layout.
   """
   for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
     if value <= 0:
       raise ValueError(f"{name} must be positive, got {value}")
   if eval_every < 0:
     raise ValueError(f"eval_every must be >= 0, got {eval_every}")
+  if layout is None and jax.process_count() > 1:
+    # Each process would train on its own rows alone, and the runs would drift apart.
+    raise ValueError(f"{stage_name}: {jax.process_count()} processes need a layout "
+                     "(`latent_mca.parallel.mesh.Layout`) to make one global batch")
   stage_dir = os.path.join(workdir, stage_name)
   is_main = jax.process_index() == 0
   log = MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
-  step_fn = jax.jit(_with_rng(train_step), donate_argnums=0)
+  step_fn = jit_step(train_step, layout)
+  if layout is not None:
+    step_fn = _on_mesh(step_fn, layout)
   with Checkpointer(stage_dir, keep=keep_checkpoints) as checkpointer:
     if checkpointer.latest_step() is None:
       state, start, history = init_state, 0, []

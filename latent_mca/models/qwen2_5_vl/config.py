@@ -19,6 +19,28 @@ class ConfigError(ValueError):
   """A checkpoint or model configuration that cannot describe a Qwen2.5-VL model."""
 
 
+# What the backward pass keeps of each block (`layers.stack_layers` maps them to
+# `jax.checkpoint_policies`): "none" keeps every activation (no remat); "full" keeps only
+# the block's inputs and recomputes the rest; the dots policies keep the matmul outputs
+# (all of them, or those without batch dimensions: the weight matmuls, not attention's
+# q.k / p.v) and recompute the cheap elementwise work in between.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_policy(remat: bool | str) -> str:
+  """The policy name of a `remat` setting: a name of REMAT_POLICIES, or a bool (True = "full").
+
+  Raises:
+    ConfigError: an unknown policy name.
+  """
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ConfigError(f"remat={remat!r} is not a rematerialisation policy; use a bool or one "
+                      f"of {REMAT_POLICIES}")
+  return remat
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """The vision tower (ViT with window attention and a 2x2 patch merger)."""
@@ -79,9 +101,12 @@ class TextConfig:
 class Qwen2_5_VLConfig:
   """Full model configuration plus the numerics we run it with.
 
-  `dtype` is the compute dtype of activations and matmuls; `param_dtype` the
-  storage dtype of the weights. `remat` checkpoints each decoder/vision block
-  in the backward pass (the usual choice for training the 3B/7B models).
+  `dtype` is the compute dtype of activations and matmuls (the weights are cast to
+  it where they are used); `param_dtype` the storage dtype of the weights, so
+  dtype=bfloat16 with param_dtype=float32 trains fp32 master weights with a bf16
+  forward. `remat` rematerialises each decoder/vision block in the backward pass
+  (the usual choice for training the 3B/7B models): a policy name of
+  REMAT_POLICIES, or a bool (True = "full", False = "none").
   """
 
   text: TextConfig = TextConfig()
@@ -96,7 +121,7 @@ class Qwen2_5_VLConfig:
   pad_token_id: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: bool = False
+  remat: bool | str = False
 
   def __post_init__(self):
     self.validate()
@@ -104,6 +129,7 @@ class Qwen2_5_VLConfig:
   def validate(self) -> None:
     """Raises ConfigError naming the first inconsistent field."""
     t, v = self.text, self.vision
+    remat_policy(self.remat)
     if t.hidden_size % t.num_attention_heads:
       raise ConfigError(f"text.hidden_size={t.hidden_size} is not divisible by "
                         f"text.num_attention_heads={t.num_attention_heads}")

@@ -12,7 +12,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latent_mca.models.qwen2_5_vl.config import remat_policy
+
 Dtype = Any
+
+# The jax.checkpoint policy of each remat policy name ("full": None saves nothing).
+_CHECKPOINT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Dtype,
@@ -61,15 +70,19 @@ class SwiGLU(nn.Module):
     return dense(x.shape[-1], (self.mlp_axis, self.embed_axis), name="down_proj", **kw)(h)
 
 
-def stack_layers(block: type[nn.Module], length: int, in_axes: tuple, remat: bool):
+def stack_layers(block: type[nn.Module], length: int, in_axes: tuple, remat: bool | str):
   """`block` applied `length` times with nn.scan; its weights get a leading "layers" axis.
 
   Scanning compiles one layer instead of `length` copies. The block returns
   (carry, per-layer output); `in_axes` says which extra arguments are per layer (0)
-  and which are shared (nn.broadcast).
+  and which are shared (nn.broadcast). `remat` is a policy of
+  `config.REMAT_POLICIES` (or a bool: True = "full") for what the backward pass keeps
+  of each block.
   """
-  if remat:
-    block = nn.remat(block, prevent_cse=False)
+  policy = remat_policy(remat)
+  if policy != "none":
+    # prevent_cse=False: under scan, CSE cannot undo the rematerialisation.
+    block = nn.remat(block, prevent_cse=False, policy=_CHECKPOINT_POLICIES[policy])
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=in_axes, length=length,
                  metadata_params={nn.PARTITION_NAME: "layers"})
