@@ -43,6 +43,7 @@ from latent_mca.compilation_cache import fast_compile
 from latent_mca.config_schema import ConfigError
 from latent_mca.data import real
 from latent_mca.data.tokenizers import train_bpe_tokenizer
+from latent_mca.parallel import distributed
 from latent_mca.parallel import mesh as mesh_lib
 from latent_mca.stages import ablations as ablations_lib
 from latent_mca.stages import backbone
@@ -121,6 +122,9 @@ def default_config() -> ml_collections.ConfigDict:
   # master weights).
   c.mesh = mesh_lib.mesh_config()
   c.precision = precision.precision_config()
+  # Multi-host: how experiments.run starts JAX's distributed runtime (or the LATENT_MCA_*
+  # environment variables; nothing set = one process). See `latent_mca.parallel.distributed`.
+  c.distributed = distributed.distributed_config()
   # Backbone pretraining on paired (answer after the image) + text-only documents, all
   # parameters; batches of batch_size x seq_len tokens (the ~1% of longer examples are cut
   # at the end) with an image budget of one image per example. eval_examples: per held-out
