@@ -7,7 +7,7 @@ Tiny world (40 examples per split), a 2-layer backbone of width 32, a few steps 
 stage; the tests run it. It compiles with XLA's fast-compile settings
 (`config.xla_fast_compile`), and the RL runs share their programs (one per action
 space); still, most of its time is tracing and compiling the stages' programs:
-6 min 37 s on 2 CPU cores with an empty compilation cache (the first run on a machine).
+5 min 32 s on 2 CPU cores with an empty compilation cache (the first run on a machine).
 """
 
 from latent_mca.jobs import pipeline
