@@ -127,7 +127,7 @@ def _setup(name: str):
     optimizer.trainable = latent.TRAINABLE[name]
     step = functools.partial(steps_lib.STEPS[name], system=system)
     params, extra = system.init(params, jax.random.key(1))
-    boxed = latent.boxed_params(system)
+    boxed = system.boxed_params()
     batch = {"paired": {"image": _batch(cfg, 0), "text": _batch(cfg, 0, image=False)}}
   tx = state_lib.make_optimizer(optimizer, 1000)
   make_state = functools.partial(state_lib.TrainState.create, tx=tx, rng=jax.random.key(2),

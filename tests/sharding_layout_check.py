@@ -107,7 +107,7 @@ def stage_setup(system: steps_lib.LatentSystem, stage: str):
     optimizer.trainable = latent.TRAINABLE[stage]
     step = functools.partial(steps_lib.STEPS[stage], system=system)
     params, extra = system.init(backbone_params, jax.random.key(1))
-    boxed = latent.boxed_params(system)
+    boxed = system.boxed_params()
   tx = state_lib.make_optimizer(optimizer, NUM_STEPS)
   make_state = functools.partial(state_lib.TrainState.create, tx=tx, rng=jax.random.key(2),
                                  extra=extra)

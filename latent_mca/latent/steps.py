@@ -49,7 +49,7 @@ from latent_mca.latent.losses import cross_entropy, masked_mean
 from latent_mca.latent.model import LatentModules
 from latent_mca.latent.projector import cycle_loss, gaussian_nll
 from latent_mca.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from latent_mca.models.qwen2_5_vl.model import Qwen2_5_VL
+from latent_mca.models.qwen2_5_vl.model import Qwen2_5_VL, abstract_params
 from latent_mca.models.qwen2_5_vl.positions import mrope_positions
 from latent_mca.training.state import TrainState
 
@@ -63,6 +63,18 @@ class States(NamedTuple):
   h: Any
   positions: Any
   attention_mask: Any
+
+
+def _params_and_extra(backbone_params, variables: dict) -> tuple[dict, dict]:
+  """(params, extra) of the backbone's params and the latent modules' variables
+  ({module: {collection: tree}}): every module's "params", and the VQ codebook's state."""
+  params, extra = {BACKBONE: backbone_params}, {}
+  for name, collections in variables.items():
+    if CODEBOOK_STATE in collections:
+      extra[CODEBOOK_STATE] = collections[CODEBOOK_STATE]
+    else:
+      params[name] = collections["params"]
+  return params, extra
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +115,12 @@ class LatentSystem:
 
   def init(self, backbone_params, rng) -> tuple[dict, dict]:
     """(params, extra): the given backbone and freshly initialised latent modules."""
-    variables = self.modules.init(rng)
-    params = {BACKBONE: backbone_params}
-    extra = {}
-    for name, collections in variables.items():
-      if CODEBOOK_STATE in collections:
-        extra[CODEBOOK_STATE] = collections[CODEBOOK_STATE]
-      else:
-        params[name] = collections["params"]
-    return params, extra
+    return _params_and_extra(backbone_params, self.modules.init(rng))
+
+  def boxed_params(self) -> dict:
+    """The shapes of `init`'s params (backbone and latent modules), boxed with their
+    logical axis names (nn.Partitioned): what `latent_mca.parallel.mesh` shards by."""
+    return _params_and_extra(abstract_params(self.backbone.config), self.modules.abstract())[0]
 
   def abstract(self, abstract_backbone) -> tuple[dict, dict]:
     """`init`'s (params, extra) as ShapeDtypeStructs (restore targets)."""

@@ -48,7 +48,6 @@ from absl import logging
 from latent_mca.data.batching import DataLoader, ZipLoader
 from latent_mca.data.processor import Processor
 from latent_mca.latent import steps as steps_lib
-from latent_mca.latent.codebook import CODEBOOK_STATE
 from latent_mca.latent.config import LatentConfig
 from latent_mca.models import qwen2_5_vl
 from latent_mca.parallel import distributed
@@ -198,16 +197,6 @@ def _plot(stage_dir: str, panels: list) -> None:
                            os.path.join(stage_dir, "curves.png"), panels, skip_missing=True)
 
 
-def boxed_params(system: steps_lib.LatentSystem) -> dict:
-  """The shapes of `system.init`'s params (backbone and latent modules), boxed with their
-  logical axis names (nn.Partitioned): what `latent_mca.parallel.mesh` shards by."""
-  boxed = {steps_lib.BACKBONE: qwen2_5_vl.abstract_params(system.backbone.config)}
-  for name, collections in system.modules.abstract().items():
-    if CODEBOOK_STATE not in collections:
-      boxed[name] = collections["params"]
-  return boxed
-
-
 def initial_variables(config, workdir: str, stage: str, system: steps_lib.LatentSystem,
                       model_cfg: qwen2_5_vl.Qwen2_5_VLConfig) -> tuple[dict, dict]:
   """(params, extra) a stage starts from: the previous enabled stage's final ones, or for
@@ -267,7 +256,7 @@ def run_stage(config, workdir: str, stage: str, measure: bool = True) -> dict:
   tx = state_lib.make_optimizer(c.optimizer, c.num_steps, frozen=frozen)
   make_state = functools.partial(state_lib.TrainState.create, tx=tx,
                                  rng=jax.random.key(config.seed), extra=extra)
-  layout = mesh_lib.Layout.from_config(config.mesh, make_state, boxed_params(system))
+  layout = mesh_lib.Layout.from_config(config.mesh, make_state, system.boxed_params())
   if stage == "latent_sft":
     mesh_lib.check_batch_size(c.batch_size, layout.mesh, layout.rules,
                               "config.latent_sft.batch_size")
