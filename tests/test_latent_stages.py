@@ -229,6 +229,33 @@ def test_no_projector_ablation_freezes_the_projectors(smoke):
   assert "ntp_loss_text_only" in metrics
 
 
+def _step_jaxpr(config, system, params, extra, batch, stage) -> str:
+  tx = state_lib.make_optimizer(config[stage].optimizer, 10)
+  state = state_lib.TrainState.create(params, tx, jax.random.key(0), extra)
+  step = functools.partial(steps_lib.STEPS[stage], system=system)
+  return str(jax.make_jaxpr(step)(state, batch, jax.random.key(1)))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_step_reads_no_switch_beyond_its_switches_read(smoke, stage):
+  # `for_step` turns the unread switches on, so that an ablation shares the full run's
+  # program: turning them off must leave the step's computation (its jaxpr) unchanged.
+  config, workdir, _, _ = smoke
+  config, system, params, extra, batch = _setup(config, workdir, stage)
+  unread = [s for s in steps_lib.SWITCHES if s not in steps_lib.SWITCHES_READ[stage]]
+  ablated = steps_lib.LatentSystem.build(system.backbone.config,
+                                         system.config.replace(**dict.fromkeys(unread, False)))
+  assert ablated.for_step(stage) == system and latent.train_step(stage, ablated) is (
+      latent.train_step(stage, system))
+  expected = _step_jaxpr(config, system, params, extra, batch, stage)
+  if unread:
+    assert _step_jaxpr(config, ablated, params, extra, batch, stage) == expected
+  if stage == "policy_bc":  # a switch it reads does change it (the check can fail)
+    raw = steps_lib.LatentSystem.build(system.backbone.config,
+                                       system.config.replace(use_projector=False))
+    assert _step_jaxpr(config, raw, params, extra, batch, stage) != expected
+
+
 def test_joint_loss_is_the_sum_of_its_terms(smoke):
   config, workdir, _, _ = smoke
   for changes, terms in (

@@ -104,9 +104,9 @@ def bits_equal(a, b):
       x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(leaves_a, leaves_b))
 
 
-def run(workdir, num_steps=10, loader=None, **kwargs):
+def run(workdir, num_steps=10, loader=None, train_step_fn=None, **kwargs):
   kwargs = {"checkpoint_every": 3, "log_every": 1, **kwargs}
-  return loop.train("toy", str(workdir), make_state(), train_step,
+  return loop.train("toy", str(workdir), make_state(), train_step_fn or train_step,
                     make_loader() if loader is None else loader, num_steps, **kwargs)
 
 
@@ -259,3 +259,21 @@ def test_equal_optimizer_configs_share_one_transformation_and_one_trace():
     state = step(step(state))
     np.testing.assert_allclose(state.params["w"], -0.02, rtol=1e-5)
   assert len(traces) == 1
+
+
+def test_one_step_function_is_traced_once_across_runs(tmp_path):
+  # Two stages running the same step object (an ablation's and the full run's) share
+  # the jitted program: `jit_step` hands back the same function.
+  traces = []
+
+  def counted(state, batch, rng):
+    traces.append(1)
+    return train_step(state, batch, rng)
+
+  first, _ = run(tmp_path / "a", num_steps=2, train_step_fn=counted)
+  second, _ = run(tmp_path / "b", num_steps=2, train_step_fn=counted)
+  assert len(traces) == 1
+  for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params)):
+    np.testing.assert_array_equal(a, b)
+  assert loop.jit_step(counted) is loop.jit_step(counted)
+  assert loop.jit_step(train_step) is not loop.jit_step(counted)

@@ -89,5 +89,12 @@ class LatentModules:
     return {name: fn(r) for (name, fn), r in zip(fns.items(), rngs)}
 
   def abstract(self) -> dict[str, dict]:
-    """Shapes/dtypes of `init`'s variables, boxed with their logical axis names (for sharding)."""
-    return {name: jax.eval_shape(fn, jax.random.key(0)) for name, fn in self.init_fns().items()}
+    """Shapes/dtypes of `init`'s variables, boxed with their logical axis names (for sharding).
+
+    Traced once per set of modules; each call gets its own containers."""
+    return jax.tree.map(lambda leaf: leaf, _abstract(self))
+
+
+@functools.cache
+def _abstract(modules: LatentModules) -> dict[str, dict]:
+  return {name: jax.eval_shape(fn, jax.random.key(0)) for name, fn in modules.init_fns().items()}

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -77,6 +78,19 @@ def _params_and_extra(backbone_params, variables: dict) -> tuple[dict, dict]:
   return params, extra
 
 
+# The ablation switches of `LatentConfig`, and those each stage's step reads (directly or
+# through `LatentSystem.text_states`). A step must list every switch it reads: the others
+# are turned on before it is compiled (`LatentSystem.for_step`).
+SWITCHES = ("use_cycle", "use_projector", "use_text_only")
+SWITCHES_READ = {
+    "inverse_warmup": (),
+    "cycle_warmup": (),
+    "inverse_joint": SWITCHES,
+    "policy_bc": ("use_projector", "use_text_only"),
+    "latent_sft": (),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentSystem:
   """The backbone and the latent modules, with the functions every step composes.
@@ -98,14 +112,23 @@ class LatentSystem:
   def config(self) -> LatentConfig:
     return self.modules.world_model.config
 
-  def for_acting(self) -> "LatentSystem":
-    """This system with the ablation switches (`use_cycle`, `use_projector`,
-    `use_text_only`) on. They change training only: acting (rollouts, the RL step) reads
-    the policy, codebook and world model, so an ablation's acting programs become the full
-    run's, and compile once."""
-    config = dataclasses.replace(self.config, use_cycle=True, use_projector=True,
-                                 use_text_only=True)
+  def with_switches_on(self, switches=SWITCHES) -> "LatentSystem":
+    """This system with the given ablation switches on (`SWITCHES` by default)."""
+    config = dataclasses.replace(self.config, **dict.fromkeys(switches, True))
     return self if config == self.config else LatentSystem.build(self.backbone.config, config)
+
+  def for_acting(self) -> "LatentSystem":
+    """This system with every ablation switch on. They change training only: acting
+    (rollouts, the RL step) reads the policy, codebook and world model, so an ablation's
+    acting programs become the full run's, and compile once."""
+    return self.with_switches_on()
+
+  def for_step(self, stage: str) -> "LatentSystem":
+    """This system with the switches `STEPS[stage]` does not read (`SWITCHES_READ`) on:
+    the step computes the same, and an ablation's step is the full run's program (its
+    latent_sft always; its policy_bc without the cycle loss)."""
+    read = SWITCHES_READ[stage]
+    return self.with_switches_on([s for s in SWITCHES if s not in read])
 
   @property
   def vq(self) -> bool:
@@ -124,7 +147,7 @@ class LatentSystem:
 
   def abstract(self, abstract_backbone) -> tuple[dict, dict]:
     """`init`'s (params, extra) as ShapeDtypeStructs (restore targets)."""
-    return jax.eval_shape(lambda r: self.init(abstract_backbone, r), jax.random.key(0))
+    return _params_and_extra(abstract_backbone, nn.meta.unbox(self.modules.abstract()))
 
   # --------------------------------------------------------------------------- pieces
 
@@ -537,7 +560,7 @@ def summarize_eval(sums: dict) -> dict:
   return {k: float(v) for k, v in out.items()}
 
 
-__all__ = ["LatentSystem", "States", "STEPS", "step_targets", "token_weights",
-           "world_model_ntp", "policy_codes", "latent_sft_sums", "latent_eval_sums",
+__all__ = ["LatentSystem", "States", "STEPS", "SWITCHES", "SWITCHES_READ", "step_targets",
+           "token_weights", "world_model_ntp", "policy_codes", "latent_sft_sums", "latent_eval_sums",
            "summarize_eval", "inverse_warmup_step", "cycle_warmup_step", "inverse_joint_step",
            "policy_bc_step", "latent_sft_step"]

@@ -67,6 +67,8 @@ TRAINABLE = {
     "latent_sft": (r"backbone/(decoder|embed_tokens|lm_head)/.*", r"world_model/.*"),
 }
 _PROJECTORS = (r"(projector|inverse_projector)/.*",)
+_TRAIN_PROJECTORS = tuple(s for s, patterns in TRAINABLE.items()
+                          if any("projector" in p for p in patterns))
 
 
 def latent_defaults() -> ml_collections.ConfigDict:
@@ -115,6 +117,18 @@ def source_stage(stage: str, config, latent: LatentConfig) -> str:
     if enabled(earlier, latent):
       return earlier
   return config.latent.backbone_stage
+
+
+def train_step(stage: str, system: steps_lib.LatentSystem, **static) -> Callable:
+  """The stage's step bound to `system.for_step(stage)`: one object per (stage, switches
+  the step reads, static options), so an ablation whose switch the step does not read
+  runs the full run's compiled program (`loop.jit_step` shares it)."""
+  return _train_step(stage, system.for_step(stage), **static)
+
+
+@functools.cache
+def _train_step(stage: str, system: steps_lib.LatentSystem, **static) -> Callable:
+  return functools.partial(steps_lib.STEPS[stage], system=system, **static)
 
 
 @functools.cache
@@ -248,11 +262,18 @@ def run_stage(config, workdir: str, stage: str, measure: bool = True) -> dict:
                                       collate_fn=data[p].collate_fn, seed=config.seed + i,
                                       **distributed.process_shard())
                         for i, p in enumerate(parts)})
+    # Held-out batches of half a batch's rows in every stage, whatever its parts: stages
+    # of one batch size then share one compiled measurement program per set.
+    eval_rows = max(c.batch_size // 2, 1)
+    eval_data = data if eval_rows == data["paired"].batch_size else data_lib.latent_data(
+        config, workdir, c.seq_len, eval_rows)
     eval_sets = {name: data_lib.eval_batches(part, name, c.eval_examples)
-                 for name, part in data.items()}
+                 for name, part in eval_data.items()}
     eval_fn = latent_eval_fn(system, eval_sets, config.seed)
 
-  frozen = () if latent.use_projector else _PROJECTORS
+  # Without a projector the stages that would train it keep it frozen (the others leave it
+  # alone anyway, and share the full run's optimizer and program).
+  frozen = () if latent.use_projector or stage not in _TRAIN_PROJECTORS else _PROJECTORS
   tx = state_lib.make_optimizer(c.optimizer, c.num_steps, frozen=frozen)
   make_state = functools.partial(state_lib.TrainState.create, tx=tx,
                                  rng=jax.random.key(config.seed), extra=extra)
@@ -271,7 +292,7 @@ def run_stage(config, workdir: str, stage: str, measure: bool = True) -> dict:
     initial = backbone_lib.cached_json(os.path.join(stage_dir, "eval_initial.json"),
                                        lambda: metrics_lib.scalars(eval_fn(state)))
   static = {"codes": c.codes} if stage == "latent_sft" else {}
-  step = functools.partial(steps_lib.STEPS[stage], system=system, **static)
+  step = train_step(stage, system, **static)
   state, history = loop.train(stage, workdir, state, step, loader, c.num_steps,
                               eval_fn=eval_fn if measure else None,
                               eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,

@@ -21,6 +21,7 @@ through (given a deterministic train_step and loader).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Callable, Optional, Protocol
@@ -65,12 +66,29 @@ def jit_step(train_step: Callable, layout: Optional[Layout] = None) -> Callable:
   With a layout the state keeps `layout.state`'s shardings in and out, the metrics come
   back replicated, and the batch keeps the shardings it was placed with
   (`layout.put_batch`); call it inside `layout.context()`.
+
+  The same `train_step` object on an equal layout gets the same jitted function back, so
+  stages that run one step function (e.g. an ablation's and the full run's, see
+  `latent_mca.stages.latent`) trace and compile it once per process.
   """
-  if layout is None:
+  key = (train_step, None, (), None)
+  if layout is not None:
+    key = (train_step, jax.tree.structure(layout.state), tuple(jax.tree.leaves(layout.state)),
+           layout.replicated)
+  try:
+    hash(key)
+  except TypeError:  # e.g. an optimizer holding unhashable settings: jit without sharing
+    return _jit.__wrapped__(*key)
+  return _jit(*key)
+
+
+@functools.lru_cache(maxsize=32)
+def _jit(train_step: Callable, state_treedef, state_shardings: tuple, replicated) -> Callable:
+  if state_treedef is None:
     return jax.jit(_with_rng(train_step), donate_argnums=0)
-  return jax.jit(_with_rng(train_step), donate_argnums=0,
-                 in_shardings=(layout.state, None, layout.replicated),
-                 out_shardings=(layout.state, layout.replicated))
+  state = jax.tree.unflatten(state_treedef, state_shardings)
+  return jax.jit(_with_rng(train_step), donate_argnums=0, in_shardings=(state, None, replicated),
+                 out_shardings=(state, replicated))
 
 
 def _on_mesh(jitted: Callable, layout: Layout) -> Callable:

@@ -133,7 +133,8 @@ def plot_metrics(metrics_jsonl: str, png_path: str,
     raise ValueError(f"{metrics_jsonl} has no metric {missing}")
   cols = min(columns, len(groups))
   rows = -(-len(groups) // cols)
-  fig = Figure(figsize=(4.5 * cols, 3.3 * rows))
+  width, height = 4.5 * cols, 3.3 * rows
+  fig = Figure(figsize=(width, height))
   FigureCanvasAgg(fig)  # an explicit Agg canvas: no pyplot, no global backend
   for i, group in enumerate(groups):
     ax = fig.add_subplot(rows, cols, i + 1)
@@ -146,7 +147,10 @@ def plot_metrics(metrics_jsonl: str, png_path: str,
       ax.legend(fontsize="small")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  fig.tight_layout()
+  # Fixed margins (inches) rather than tight_layout, which measures every tick label and
+  # took a third of the plotting time.
+  fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.5 / height,
+                      top=1 - 0.35 / height, wspace=0.35, hspace=0.55)
   fig.savefig(png_path, format="png")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import flax.linen as nn
@@ -167,5 +169,14 @@ def init_params(config: Qwen2_5_VLConfig, rng) -> dict:
 
 
 def abstract_params(config: Qwen2_5_VLConfig):
-  """Shapes/dtypes of the parameters, boxed with their logical axis names (nn.Partitioned)."""
+  """Shapes/dtypes of the parameters, boxed with their logical axis names (nn.Partitioned).
+
+  Traced once per config (tracing the whole model costs about a second even when tiny);
+  each call gets its own containers.
+  """
+  return jax.tree.map(lambda leaf: leaf, _abstract_params(config))
+
+
+@functools.cache
+def _abstract_params(config: Qwen2_5_VLConfig):
   return jax.eval_shape(_init_fn(config), jax.random.key(0))
