@@ -36,12 +36,13 @@ data is always the synthetic world's. On real data the rl stage needs the refere
 LLM judge (the flags above; it stops at the start otherwise); the synthetic world is
 scored by the programmatic judge, the default.
 
-Hardware. Every stage runs in float32: the schema has no dtype field, and
-`qwen2_5_vl.read_config` defaults to float32. The stages keep the model whole on one
-device; only RL rollouts are data-parallel, with the parameters replicated and
-rl.prompts_per_step a multiple of the device count. The parameters are 3.75B for the
-backbone (vision 0.67B, language model 3.09B, tied head) plus 1.17B for the latent
-modules (policy 0.62B, IDM 0.31B, world model 0.23B, projectors 0.02B), 4.9B in all.
+Hardware. Every stage runs in float32 (`config.precision` offers a bf16 forward over
+fp32 master weights) on `config.mesh`: by default every device on "data", each holding
+the whole model; `--config.mesh.fsdp=N` shards the parameters and Adam moments over N
+devices. RL rollouts split prompt groups over data x fsdp (rl.prompts_per_step a
+multiple of it), the parameters gathered whole on each device. The parameters are
+3.75B for the backbone (vision 0.67B, language model 3.09B, tied head) plus 1.17B for
+the latent modules (policy 0.62B, IDM 0.31B, world model 0.23B, projectors 0.02B), 4.9B in all.
   sft: params + grads + Adam m, v = 16 B x 3.75B = 60 GB.
   latent_sft: 4 B x 4.9B + 12 B x 3.3B trained = 60 GB.
   Stages 1-4 and latent RL: about 30 GB (the backbone frozen, at most 0.6B trained).

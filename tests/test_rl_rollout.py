@@ -39,13 +39,20 @@ def _rollout(space: str, num_prompts: int = 2, **changes):
   return out, step_lib.learner_batch(out, images)
 
 
-def test_sharded_rollout_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "tests.rl_sharding_check"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "OK latent" in proc.stdout and "OK token" in proc.stdout, proc.stdout
+def test_sharded_rollouts_and_steps_equal_single_device_on_8_devices():
+  """`tests.rl_sharding_check`: rollouts split over the batch axes of a mesh, and RL
+  updates on fsdp=4 x tensor=2, equal the single-device ones. One process for both
+  spaces (two side by side take as long on two cores: each runs 8 devices' threads),
+  with the session's XLA flags (fast compilation)."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=8"]))
+  proc = subprocess.run([sys.executable, "-m", "tests.rl_sharding_check", *SPACES], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  lines = {" ".join(line.split()[:3]) for line in proc.stdout.splitlines()}
+  expected = {f"OK {check} {space}" for check in ("rollout", "step") for space in SPACES}
+  assert expected <= lines, (expected - lines, proc.stdout)
 
 
 @pytest.mark.parametrize("space", SPACES)

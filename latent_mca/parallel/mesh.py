@@ -116,11 +116,16 @@ def rules(config: ml_collections.ConfigDict) -> sharding.Rules:
   return tuple((name, overrides.get(name, axes)) for name, axes in sharding.DEFAULT_RULES)
 
 
+def batch_axes(rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes a batch's rows are split over (those of the "batch" logical axis, in
+  order, major to minor): ("data", "fsdp") by default, () when the rules replicate it."""
+  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def batch_parallelism(mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES) -> int:
   """How many ways a batch is split: the product of the mesh axes of the "batch" axis."""
-  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(mesh.shape[name] for name in names)
+  return math.prod(mesh.shape[name] for name in batch_axes(rules))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, rules: sharding.Rules, field: str) -> None:

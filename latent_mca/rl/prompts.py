@@ -41,7 +41,7 @@ def collate_prompts(examples: Sequence[Mapping], pad_id: int, prompt_length: int
   the images packed per shard: pixel_values [shards, P, D], image_grid_thw [shards, K, 3].
 
   Shard s packs the images of rows [s * B / shards, (s + 1) * B / shards) in order, then
-  dummy fill, so each device of `sharded_rollout` holds exactly its rows' images. Each
+  dummy fill, so each batch shard of `sharded_rollout` holds exactly its rows' images. Each
   example has at most one image of at most `patches_per_image` patches.
   """
   if len(examples) % shards:

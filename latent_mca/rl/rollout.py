@@ -12,8 +12,8 @@ shard s holding the real images of its B / S rows in order, then dummy fill). Ea
 prompt is prefilled once; its caches are then repeated G times (rows [g * G,
 (g + 1) * G) are prompt g's group). Row r samples with the key fold_in(rng, r) for its
 global index r, so a result does not depend on how the rows are split over devices:
-`sharded_rollout` runs the same program under `jax.shard_map` over a mesh's data axis,
-each device taking whole groups and its own image pack.
+`sharded_rollout` runs the same program under `jax.shard_map` over a mesh's batch axes
+("data" x "fsdp"), each shard taking whole groups and its own image pack.
 
 A `Rollout` records the response tokens, the sampled actions (codes, or the tokens
 themselves) and their log-probabilities under the sampler's temperature-scaled,
@@ -39,6 +39,9 @@ from latent_mca.latent.steps import BACKBONE, LatentSystem
 from latent_mca.models.qwen2_5_vl.positions import mrope_positions, text_positions
 
 TOKEN, LATENT = "token", "latent"
+# The mesh axes `sharded_rollout` splits prompt groups over by default (those a mesh has):
+# the axes of the "batch" logical axis under the default rules (`parallel.sharding`).
+BATCH_AXES = ("data", "fsdp")
 
 
 @flax.struct.dataclass
@@ -116,7 +119,7 @@ def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: s
     params, extra: `LatentSystem` variables.
     prompts: input_ids, attention_mask [B, T] (left-padded) and the image pack
       pixel_values [S, P, D], image_grid_thw [S, K, 3] (`collate_prompts` with S = 1
-      here, or S = the devices of `sharded_rollout`), or no images.
+      here, or S = the batch shards of `sharded_rollout`), or no images.
     rng: key; row r (global index row_offset + r) samples with fold_in(rng, r), then
       fold_in(., step).
     row_offset: the global index of this call's first row (under shard_map).
@@ -213,33 +216,55 @@ def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: s
 
 @functools.cache
 def sharded_rollout(system: LatentSystem, mesh: Mesh, *, space: str, sampling: SamplingConfig,
-                    axis: str = "data"):
-  """`rollout` as one jitted program over `mesh`, groups split over its `axis`.
+                    axes: str | tuple[str, ...] | None = None):
+  """`rollout` as one jitted program over `mesh`, groups split over its batch `axes`.
 
   Returns fn(params, extra, prompts, rng) -> Rollout, rows in global order (one
-  compiled program per argument set: later calls with equal arguments reuse it). Params
-  are replicated; each device takes B / devices whole prompts (B must divide). The
-  result equals the single-device `rollout` (per-row keys use global row indices).
+  compiled program per argument set: later calls with equal arguments reuse it). Each
+  of the S = prod(mesh.shape[axes]) batch shards takes B / S whole prompts (B must
+  divide) and its own image pack (`collate_prompts` with shards=S); the result equals
+  the single-device `rollout` (per-row keys use global row indices).
+
+  axes: the mesh axes the prompts are split over, major to minor; None: those of
+    `BATCH_AXES` ("data", "fsdp") the mesh has, i.e. the axes the "batch" logical axis
+    maps to by default. The other axes (e.g. "tensor") do not split the rollout: every
+    device along them computes the same rows (redundant work, for a decode loop without
+    a collective per token), and the output is replicated over them.
+
+  Params and extra enter replicated (P()): params laid out otherwise (e.g. a
+  TrainState's fsdp- or tensor-sharded weights) are all-gathered on the way in by the
+  program, so callers pass their arrays as they are, and each device holds all the
+  params while it decodes. Every call should use one placement of each input (the same
+  shardings as the call before), or it compiles again.
   """
-  devices = mesh.shape[axis]
+  if axes is None:
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  unknown = set(axes) - set(mesh.axis_names)
+  if unknown:
+    raise ValueError(f"sharded_rollout: axes {sorted(unknown)} are not axes of the mesh "
+                     f"{dict(mesh.shape)}")
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  rows_spec = P(axes) if axes else P()
 
   def local(params, extra, prompts, rng):
     rows = prompts["input_ids"].shape[0] * sampling.group_size
-    offset = jax.lax.axis_index(axis) * rows
+    offset = jax.lax.axis_index(axes) * rows if axes else 0
     return rollout(system, params, extra, prompts, rng, space=space, sampling=sampling,
                    row_offset=offset)
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P()),
-                          out_specs=P(axis), check_vma=False)
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), rows_spec, P()),
+                          out_specs=rows_spec, check_vma=False)
 
   @jax.jit
   def run(params, extra, prompts, rng):
     b = prompts["input_ids"].shape[0]
-    if b % devices:
-      raise ValueError(f"{b} prompts do not split over {devices} devices of axis {axis!r}")
-    if "pixel_values" in prompts and prompts["pixel_values"].shape[0] != devices:
+    if b % shards:
+      raise ValueError(f"{b} prompts do not split over the {shards} shards of mesh axes "
+                       f"{axes}")
+    if "pixel_values" in prompts and prompts["pixel_values"].shape[0] != shards:
       raise ValueError(f"the image pack has {prompts['pixel_values'].shape[0]} shards; collate "
-                       f"the prompts with shards={devices}")
+                       f"the prompts with shards={shards}")
     return sharded(params, extra, prompts, rng)
 
   return run

@@ -15,6 +15,12 @@ stay bit-identical: their states are computed outside the gradient); in token sp
 the backbone's top `top_layers` decoder layers, embeddings, final norm and LM head
 (lower layers get zero gradients; the optimizer's `trainable` patterns choose the
 rest).
+
+On a device mesh (`latent_mca.parallel.mesh.Layout`, as the other stages train):
+`place_batch` lays a learner batch out (rows split over the batch axes, images and the
+loss's numbers replicated), `sharded_reference_logprobs` and `sharded_step` are
+`reference_logprobs` and `rl_step` jitted for the layout (the state sharded as
+`layout.state` says, donated); call them inside `layout.context()`.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from latent_mca.latent.steps import BACKBONE, LatentSystem
 from latent_mca.models.qwen2_5_vl.model import Qwen2_5_VL
+from latent_mca.parallel import mesh as mesh_lib
 from latent_mca.rl import algorithms as algos
 from latent_mca.rl.rollout import LATENT, TOKEN, Rollout
+from latent_mca.training import loop
 from latent_mca.training.state import TrainState
 
 
@@ -126,3 +135,61 @@ def rl_step(state: TrainState, batch: dict, rng, *, config: RLStepConfig):
 def reference_logprobs(config: RLStepConfig, ref_params, batch):
   """The frozen reference's log-probs of the actions (for the KL term and its metric)."""
   return action_logprobs(config, ref_params, batch)[0]
+
+
+# --------------------------------------------------------------------------- on a mesh
+
+
+def place_batch(layout: mesh_lib.Layout, batch: dict) -> dict:
+  """The learner batch on `layout`'s mesh, laid out the same way at every step (so the
+  programs reading it compile once, whatever algorithm or selection built it).
+
+  Every per-row field (input_ids ... mask, advantages, ref_logp) is split along its rows
+  over the "batch" logical axis (`Layout.batch_shardings`); the packed images
+  (`mesh.PACKED_FIELDS`) and "loss_params" (the algorithm's scalars, no batch
+  dimension) are replicated. The rows are the global batch (the rollout's, the same in
+  every process), so they are placed with `jax.device_put`, not assembled from
+  per-process rows as `Layout.put_batch` does.
+  """
+  rows = {k: v for k, v in batch.items() if k != "loss_params"}
+  placed = jax.device_put(rows, layout.batch_shardings(rows))
+  if "loss_params" in batch:
+    placed["loss_params"] = jax.device_put(batch["loss_params"], layout.replicated)
+  return placed
+
+
+@functools.cache
+def _sharded_step(config: RLStepConfig, mesh, rules, state_def, state_shardings: tuple):
+  layout = mesh_lib.Layout(mesh, rules, jax.tree.unflatten(state_def, state_shardings))
+  return loop.jit_step(functools.partial(rl_step, config=config), layout)
+
+
+def sharded_step(config: RLStepConfig, layout: mesh_lib.Layout):
+  """`rl_step` on `layout`: fn(state, batch, step) -> (state, metrics) (`loop.jit_step`).
+
+  The state enters and leaves with `layout.state`'s shardings and is donated; the
+  metrics come back replicated; the batch keeps the layout `place_batch` gave it; the
+  step's key is fold_in(state.rng, step) (rl_step draws none). Call it inside
+  `layout.context()`, so the activations' logical constraints shard them. One program
+  per (config, mesh, rules, state layout) in the process: every run with equal
+  settings (run_all's algorithms of a space) shares its compilation.
+  """
+  leaves, state_def = jax.tree.flatten(layout.state)
+  return _sharded_step(config, layout.mesh, layout.rules, state_def, tuple(leaves))
+
+
+@functools.cache
+def _sharded_reference(config: RLStepConfig, mesh, rules):
+  rows = NamedSharding(mesh, PartitionSpec(mesh_lib.batch_axes(rules) or None))
+  return jax.jit(lambda params, batch: action_logprobs(config, params, batch)[0],
+                 out_shardings=rows)
+
+
+def sharded_reference_logprobs(config: RLStepConfig, layout: mesh_lib.Layout):
+  """`reference_logprobs` on `layout`: fn(ref_params, batch) -> [N, M] log-probs, rows
+  split like the batch's (`place_batch`), so the step reads them where their rows are.
+
+  Pass the reference params laid out as the state's (`layout.state.params`) and the
+  batch from `place_batch`, and call it inside `layout.context()`: one compilation.
+  """
+  return _sharded_reference(config, layout.mesh, layout.rules)

@@ -52,7 +52,7 @@ def evaluate_defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       examples=32,  # prompts per test set, spread evenly over it (0 = all)
       samples_per_prompt=1,  # replies sampled per prompt (rl's eval sampling settings)
-      batch_prompts=0,  # prompts per rollout (0 = rl.prompts_per_step); a multiple of devices
+      batch_prompts=0,  # prompts per rollout (0 = rl.prompts_per_step); a multiple of data x fsdp
       policies="all",  # "all" (every finished one found) or comma-separated policy names
   ))
 
@@ -160,7 +160,8 @@ def _variables(runner: rl_lib.RLRunner, workdir: str, policy: str):
   loaded = checkpoint.load_final(os.path.join(workdir, policy),
                                  {"params": abstract(runner.params),
                                   "extra": abstract(runner.extra)})
-  return jax.device_put((loaded["params"], loaded["extra"]), runner.replicated)
+  # Restored with the runner's own shardings, so the rollout program sees one placement.
+  return loaded["params"], loaded["extra"]
 
 
 def _score(runner: rl_lib.RLRunner, params, extra, items: dict[str, list],

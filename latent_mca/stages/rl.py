@@ -10,7 +10,7 @@ its top `token_top_layers` decoder layers, embeddings, final norm and LM head. E
   1. prompts_per_step prompts of the dialogue tasks' rl split (DAPO with dynamic
      sampling: dapo_oversample times as many, of which the first prompts_per_step groups
      whose rewards are not all equal train), each sampled group_size times in one
-     jitted program sharded over the devices' data axis (`rl.rollout`);
+     jitted program, the groups split over the mesh's batch axes (`rl.rollout`);
   2. rewards from the judge (`rl.judge`, `judge.rewards.make_reward_fn`: the programmatic
      judge of the synthetic world by default, or an LLM judge behind an OpenAI-compatible
      endpoint; either way the response's scores over the reference reply's), DAPO's
@@ -18,6 +18,14 @@ its top `token_top_layers` decoder layers, embeddings, final norm and LM head. E
   3. advantages and one `rl_step`, with the k3 KL against the starting policy (logged
      always, in the loss when the algorithm weighs it). One compiled step serves every
      algorithm of a space: the loss's numbers are its inputs (`algorithms.loss_params`).
+
+The run's parallelism is `config.mesh`, as in the other training stages
+(`latent_mca.parallel.mesh`): the TrainState (the LatentSystem's params, Adam's moments)
+and the KL's reference params are sharded by the logical-axis rules, and the learner
+batch's rows are split over the batch axes (data x fsdp). The rollout splits the prompt
+groups over the same axes, with the params gathered whole onto each device; devices
+that differ only along "tensor" sample the same rows. prompts_per_step must be a
+multiple of the batch shards (data x fsdp).
 
 Prompts longer than rl.prompt_length tokens (image included) are left out, and how
 many is logged (as verl's filter_overlong_prompts). Under workdir/rl_<space>_<algorithm>/:
@@ -53,6 +61,8 @@ from latent_mca.judge import diversity as diversity_lib
 from latent_mca.judge import rewards as rewards_lib
 from latent_mca.latent import steps as steps_lib
 from latent_mca.models import qwen2_5_vl
+from latent_mca.parallel import mesh as mesh_lib
+from latent_mca.parallel import sharding as sharding_lib
 from latent_mca.rl import algorithms as algos
 from latent_mca.rl import prompts as prompts_lib
 from latent_mca.rl import rollout as rollout_lib
@@ -146,17 +156,11 @@ def prompt_items(config, workdir: str, processor: Processor, split: str = "rl") 
 
 
 @functools.cache
-def _rollout_program(system, mesh: Mesh, space: str, sampling: rollout_lib.SamplingConfig):
-  """One rollout program per (system, mesh, space, sampling): the runs of `run_all`, the
-  evaluate stage and the ablations share its compilations."""
-  return rollout_lib.sharded_rollout(system, mesh, space=space, sampling=sampling)
-
-
-@functools.cache
-def _compiled_step(config: step_lib.RLStepConfig):
-  """One jitted `rl_step` per config (a space's, not an algorithm's), shared by every run in
-  the process."""
-  return jax.jit(functools.partial(step_lib.rl_step, config=config), donate_argnums=0)
+def _rollout_program(system, mesh: Mesh, axes: tuple[str, ...], space: str,
+                     sampling: rollout_lib.SamplingConfig):
+  """One rollout program per (system, mesh, batch axes, space, sampling): the runs of
+  `run_all`, the evaluate stage and the ablations share its compilations."""
+  return rollout_lib.sharded_rollout(system, mesh, space=space, sampling=sampling, axes=axes)
 
 
 def _check_spaces(spaces: Sequence[str]) -> None:
@@ -181,7 +185,13 @@ def _diversity_encoder(setting: str):
 
 
 class RLRunner:
-  """Everything one RL run needs, built once: models, start variables, jitted programs."""
+  """Everything one RL run needs, built once: models, start variables, jitted programs.
+
+  The mesh and rules are `config.mesh`'s. The start variables (`params`: the KL's
+  reference, and what `init_state` copies into the TrainState) are laid out as the
+  TrainState's params (`param_shardings`), `extra` replicated. `sample` is usable alone
+  (the evaluate stage); `train_step` needs `init_state`'s layout first.
+  """
 
   def __init__(self, config, workdir: str):
     r = config.rl
@@ -196,24 +206,45 @@ class RLRunner:
     # for_acting: an ablation's run uses the full run's programs (compiled once).
     self.system = steps_lib.LatentSystem.build(
         model_cfg, latent_lib.latent_config(config)).for_acting()
-    self.devices = jax.device_count()
-    if r.prompts_per_step % self.devices:
-      raise ValueError(f"rl.prompts_per_step={r.prompts_per_step} must be a multiple of the "
-                       f"{self.devices} devices")
+    self.mesh, self.rules = mesh_lib.make_mesh(config.mesh), mesh_lib.rules(config.mesh)
+    # The rollout splits prompts, the learner rows, over the batch axes (data x fsdp).
+    mesh_lib.check_batch_size(r.prompts_per_step, self.mesh, self.rules,
+                              "config.rl.prompts_per_step")
+    self.batch_axes = mesh_lib.batch_axes(self.rules)
+    self.shards = mesh_lib.batch_parallelism(self.mesh, self.rules)
     self.patches = data_lib.image_budget(config, 1)[0] - 4  # one image's patches
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    # Everything the programs read lives replicated on the mesh from the start: the
-    # rollout's outputs do, and inputs placed otherwise would compile every program twice.
-    self.replicated = NamedSharding(mesh, PartitionSpec())
-    self.params, self.extra = jax.device_put(self._start_variables(model_cfg), self.replicated)
+    # Everything the programs read lives on the mesh from the start, each kind of input
+    # always placed alike: the params as the TrainState's (its steps return them so),
+    # extra and keys replicated. Inputs placed otherwise would compile a program twice.
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.param_shardings = sharding_lib.boxed_shardings(self.system.boxed_params(), self.mesh,
+                                                        self.rules)
+    params, extra = self._start_variables(model_cfg)
+    self.params = jax.device_put(params, self.param_shardings)
+    self.extra = jax.device_put(extra, self.replicated)
     self.pool = r.prompts_per_step * (r.dapo_oversample if self.algorithm.dynamic_sampling
                                       else 1)
-    self.rollout = _rollout_program(self.system, mesh, self.space,
+    self.rollout = _rollout_program(self.system, self.mesh, self.batch_axes, self.space,
                                     _sampling(config, model_cfg, self.space, r.group_size))
     self.step_config = step_lib.RLStepConfig(
         self.system, space=self.space, temperature=r.temperature,
         top_layers=r.token_top_layers if self.space == rollout_lib.TOKEN else 0)
-    self.step = _compiled_step(self.step_config)
+    self.layout = self.step = self.reference = None  # init_state's
+
+  def init_state(self, tx, rng) -> state_lib.TrainState:
+    """The TrainState at step 0 (a copy of the start variables: the step donates it, and
+    `params` stay the KL's reference), sharded at birth on the layout of `config.mesh`
+    (`mesh.Layout`, from the LatentSystem's boxed params), and the learner's programs
+    for that layout."""
+    # Copies: the step donates the state, and self.params / self.extra stay.
+    params, extra = jax.device_put((self.params, self.extra),
+                                   (self.param_shardings, self.replicated), may_alias=False)
+    make_state = functools.partial(state_lib.TrainState.create, tx=tx, rng=rng, extra=extra)
+    self.layout = mesh_lib.Layout.build(self.mesh, self.rules, make_state,
+                                        self.system.boxed_params())
+    self.step = step_lib.sharded_step(self.step_config, self.layout)
+    self.reference = step_lib.sharded_reference_logprobs(self.step_config, self.layout)
+    return self.layout.init_state(make_state, params)
 
   def _start_variables(self, model_cfg):
     """The final variables of latent_sft (latent space) or sft's backbone (token space)."""
@@ -232,9 +263,13 @@ class RLRunner:
     """(rollout, texts, raw rewards) of the items' prompts, G samples each."""
     prompts = prompts_lib.collate_prompts([p for _, _, p in items], self.processor.pad_token_id,
                                           self.config.rl.prompt_length, self.patches,
-                                          shards=self.devices)
-    # Committed like the training keys (split from the replicated state.rng), so that
-    # evaluations and training steps call the program with one signature: one compile.
+                                          shards=self.shards)
+    # The params laid out as the TrainState's (a no-op for those, and for the start
+    # variables), the key committed like the training keys (split from the replicated
+    # state.rng): evaluations and training steps call the program with one signature.
+    # Called outside the layout's context: under the shard_map each device decodes its
+    # rows with whole params, and the model's logical constraints must not apply there.
+    params = jax.device_put(params, self.param_shardings)
     out = self.rollout(params, self.extra, prompts, jax.device_put(rng, self.replicated))
     texts = rollout_lib.response_texts(out, self.processor.tokenizer.decode)
     g = self.config.rl.group_size
@@ -242,11 +277,17 @@ class RLRunner:
                for r in self.reward_fn(example, texts[i * g:(i + 1) * g])]
     return out, texts, np.asarray(rewards, np.float32)
 
-  def train_step(self, state, items, rng):
-    """One RL update from a pool of prompt items; returns (state, metrics)."""
+  def train_step(self, state, items, step: int):
+    """Update `step` (1-based) from a pool of prompt items; returns (state, metrics).
+
+    The rollout draws from split(fold_in(state.rng, step))[0]; the update runs on the
+    layout of `init_state`.
+    """
+    if self.layout is None:
+      raise RuntimeError("RLRunner.train_step: create the state with init_state first")
     r = self.config.rl
     g = r.group_size
-    rollout_rng, step_rng = jax.random.split(rng)
+    rollout_rng, _ = jax.random.split(jax.random.fold_in(state.rng, step))
     out, _, raw = self.sample(state.params, items, rollout_rng)
     rewards = algos.shape_rewards(self.algorithm, jnp.asarray(raw), out.lengths,
                                   max_length=r.max_new_tokens)
@@ -266,12 +307,13 @@ class RLRunner:
         [p for _, _, p in items], g, self.patches))
     batch["advantages"] = advantages
     batch["loss_params"] = algos.loss_params(self.algorithm)
-    # Also without a KL term in the loss (DAPO): the kl metric still tracks the drift.
-    batch["ref_logp"] = step_lib.reference_logprobs(self.step_config, self.params, batch)
-    # Placed like the state: DAPO's re-indexed rows would otherwise reach the step placed
-    # differently from the other algorithms' batches, and compile it again.
-    batch = jax.device_put(batch, self.replicated)
-    state, step_metrics = self.step(state, batch, step_rng)
+    # Laid out by the layout: DAPO's re-indexed rows would otherwise reach the programs
+    # placed differently from the other algorithms' batches, and compile them again.
+    batch = step_lib.place_batch(self.layout, batch)
+    with self.layout.context():
+      # Also without a KL term in the loss (DAPO): the kl metric still tracks the drift.
+      batch["ref_logp"] = self.reference(self.params, batch)
+      state, step_metrics = self.step(state, batch, step)
     metrics.update(step_metrics, **adv_metrics, reward_raw_mean=float(np.mean(raw)))
     return state, metrics
 
@@ -313,11 +355,7 @@ def run(config, workdir: str) -> dict:
   optimizer = r.optimizer.copy_and_resolve_references()
   optimizer.trainable = trainable
   tx = state_lib.make_optimizer(optimizer, r.num_steps)
-  # A copy: the step donates the state, and runner.params stay the KL's reference.
-  params, extra = jax.device_put((runner.params, runner.extra), runner.replicated,
-                                 may_alias=False)
-  state = jax.device_put(state_lib.TrainState.create(params, tx, jax.random.key(config.seed),
-                                                     extra), runner.replicated)
+  state = runner.init_state(tx, jax.random.key(config.seed))
   source = prompt_items(config, workdir, runner.processor)
   loader = DataLoader(source, runner.pool, collate_fn=list, seed=config.seed)
   eval_items = [source[i] for i in spread(len(source), r.eval_prompts)]
@@ -336,8 +374,7 @@ def run(config, workdir: str) -> dict:
     began = time.time()
     with tqdm(total=r.num_steps, initial=start, desc=name) as bar:
       for step in range(start + 1, r.num_steps + 1):
-        state, metrics = runner.train_step(state, next(loader),
-                                           jax.random.fold_in(state.rng, step))
+        state, metrics = runner.train_step(state, next(loader), step)
         last = step == r.num_steps
         record = {}
         if step % r.log_every == 0 or last:

@@ -71,10 +71,11 @@ def jit_step(train_step: Callable, layout: Optional[Layout] = None) -> Callable:
   stages that run one step function (e.g. an ablation's and the full run's, see
   `latent_mca.stages.latent`) trace and compile it once per process.
   """
-  key = (train_step, None, (), None)
+  key = (train_step, None, (), None, None)
   if layout is not None:
+    # The rules too: the logical constraints they turn into are fixed at trace time.
     key = (train_step, jax.tree.structure(layout.state), tuple(jax.tree.leaves(layout.state)),
-           layout.replicated)
+           layout.replicated, tuple(map(tuple, layout.rules)))
   try:
     hash(key)
   except TypeError:  # e.g. an optimizer holding unhashable settings: jit without sharing
@@ -83,7 +84,9 @@ def jit_step(train_step: Callable, layout: Optional[Layout] = None) -> Callable:
 
 
 @functools.lru_cache(maxsize=32)
-def _jit(train_step: Callable, state_treedef, state_shardings: tuple, replicated) -> Callable:
+def _jit(train_step: Callable, state_treedef, state_shardings: tuple, replicated,
+         rules) -> Callable:
+  del rules  # part of the cache key only
   if state_treedef is None:
     return jax.jit(_with_rng(train_step), donate_argnums=0)
   state = jax.tree.unflatten(state_treedef, state_shardings)
