@@ -39,6 +39,7 @@ from latent_mca.rl import step as step_lib
 from latent_mca.stages.rl import TRAINABLE
 from latent_mca.training import loop, state as state_lib
 from tests.rl_fixtures import sampling, tiny_examples, tiny_prompts, tiny_system
+from tests.sharding_layout_check import compare_params
 
 PROMPTS, STEPS = 8, 2
 ROLLOUT_MESHES = {"latent": ("data2_fsdp2_tensor2", dict(data=2, fsdp=2, tensor=2)),
@@ -155,18 +156,7 @@ def compare(space, initial, reference, sharded):
     for key in a:
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6,
                                  err_msg=f"{space} step {i} {key}")
-  flat = jax.tree_util.tree_flatten_with_path(ref_state.params)[0]
-  error, norm = 0.0, 0.0
-  for (path, a), b, start in zip(flat, jax.tree.leaves(state.params), jax.tree.leaves(initial)):
-    a, b, start = (np.asarray(jax.device_get(x), np.float64) for x in (a, b, start))
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
-                               err_msg=f"{space} {jax.tree_util.keystr(path)}")
-    error += np.sum((b - a) ** 2)
-    norm += np.sum((a - start) ** 2)
-  assert norm > 0, space  # the updates moved something
-  relative = float(np.sqrt(error / norm))
-  assert relative < 1e-4, (space, relative)
-  return relative
+  return compare_params(space, initial, ref_state.params, state.params)
 
 
 def check_step(system, params, extra, space: str, out):

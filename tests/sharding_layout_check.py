@@ -164,14 +164,22 @@ def compare(name, initial, reference, sharded) -> float:
   """Asserts equal losses and parameters; returns the updates' relative difference."""
   (ref_state, ref_losses), (state, losses) = reference, sharded
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
-  flat = jax.tree_util.tree_flatten_with_path(ref_state.params)[0]
+  return compare_params(name, initial, ref_state.params, state.params)
+
+
+def compare_params(name, initial, reference, params) -> float:
+  """Asserts the params equal the reference's (fp32 rounding) and that the updates moved
+  something; returns the updates' relative difference |params - reference| / |reference -
+  initial|."""
+  flat = jax.tree_util.tree_flatten_with_path(reference)[0]
   error, norm = 0.0, 0.0
-  for (path, a), b, start in zip(flat, jax.tree.leaves(state.params), jax.tree.leaves(initial)):
+  for (path, a), b, start in zip(flat, jax.tree.leaves(params), jax.tree.leaves(initial)):
     a, b, start = (np.asarray(jax.device_get(x), np.float64) for x in (a, b, start))
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
                                err_msg=f"{name} {jax.tree_util.keystr(path)}")
     error += np.sum((b - a) ** 2)
     norm += np.sum((a - start) ** 2)
+  assert norm > 0, name  # the updates moved something
   relative = float(np.sqrt(error / norm))
   assert relative < 1e-4, (name, relative)
   return relative
