@@ -1,7 +1,11 @@
 """The card agent's learner against its sampler, its value head, and what a PPO step trains."""
 
 import functools
+import os
+import subprocess
+import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +20,7 @@ from latent_mca.rl import rollout as rollout_lib
 from latent_mca.training import state as state_lib
 from tests.rl_fixtures import PAD, STOP, tiny_system
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 112  # 8 x 8 patches: the tiny model's 16 image tokens
 ENVS, NEW = 4, 10
 
@@ -135,3 +140,27 @@ def test_prompt_batches_pack_each_frame_as_the_pixels_path_does(tiny):
     agent_lib.prompt_batch(ids, np.ones(len(ids), np.int32), frames[:3], SIZE, shards=2)
   with pytest.raises(ValueError, match="prompt_length"):
     agent_lib.left_pad(ids, len(ids) - 1, PAD)
+
+
+def test_the_value_head_has_logical_axes_for_the_mesh(tiny):
+  system, *_ = tiny
+  agent = _agent(system, "token")
+  params = agent_lib.init_value_head(agent, jax.random.key(0))
+  boxed = agent_lib.boxed_value_head(agent)
+  assert jax.tree.structure(params) == jax.tree.structure(nn.meta.unbox(boxed))
+  assert boxed["hidden_0"]["kernel"].names == ("embed", "mlp")
+  assert set(agent_lib.boxed_params(agent)) == set(system.boxed_params()) | {"value_head"}
+
+
+def test_sharded_ppo_steps_equal_single_device_on_8_devices():
+  """`tests.cards_sharding_check`: two PPO updates on fsdp=4 x tensor=2, built as the cards
+  stage builds them, equal the unsharded ones. Token space only (it trains the sharded
+  backbone; `python -m tests.cards_sharding_check latent` checks the latent policy's too:
+  each space's programs add ~20 s on two cores). With the session's XLA flags."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=8"]))
+  proc = subprocess.run([sys.executable, "-m", "tests.cards_sharding_check", "token"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert "OK ppo token fsdp4_tensor2" in proc.stdout, proc.stdout

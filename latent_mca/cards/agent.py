@@ -30,6 +30,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,9 +106,25 @@ class AgentConfig:
       raise ValueError(f"space must be {TOKEN!r} or {LATENT!r}, got {self.space!r}")
 
 
-def init_value_head(config: AgentConfig, rng) -> dict:
+def _value_head_variables(config: AgentConfig, rng) -> dict:
   hidden = config.system.backbone.config.text.hidden_size
   return config.value_head.init(rng, jnp.zeros((1, hidden), jnp.float32))["params"]
+
+
+def init_value_head(config: AgentConfig, rng) -> dict:
+  """The value head's params (plain arrays; `boxed_value_head` has their logical axes)."""
+  return nn.meta.unbox(_value_head_variables(config, rng))
+
+
+def boxed_value_head(config: AgentConfig) -> dict:
+  """The shapes of `init_value_head`'s params, boxed with their logical axis names
+  (nn.Partitioned), for `latent_mca.parallel.mesh.Layout` beside the LatentSystem's."""
+  return jax.eval_shape(lambda rng: _value_head_variables(config, rng), jax.random.key(0))
+
+
+def boxed_params(config: AgentConfig) -> dict:
+  """The agent's params (the LatentSystem's and the value head's) as boxed shapes."""
+  return dict(config.system.boxed_params(), **{VALUE_HEAD: boxed_value_head(config)})
 
 
 def _states(config: AgentConfig, params, batch):

@@ -15,9 +15,11 @@ from absl import logging
 
 from latent_mca.config_schema import ConfigError
 from latent_mca.jobs import pipeline
+from latent_mca.parallel import mesh as mesh_lib
 from latent_mca.rl import ppo
 from latent_mca.stages import cards
 from latent_mca.stages import latent
+from latent_mca.training import precision
 from latent_mca.training.state import optimizer_config
 
 
@@ -33,6 +35,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 72  # response tokens per step (the experts' longest: 66; the reference: 256)
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
   c.backbone = pipeline.default_config().backbone
+  # The mesh of acting and of the PPO learner (by default every device data-parallel) and the
+  # logical-axis rules (`latent_mca.parallel.mesh`); the model's numerics
+  # (`latent_mca.training.precision`), as the pipeline's.
+  c.mesh = mesh_lib.mesh_config()
+  c.precision = precision.precision_config()
   c.expert = ml_collections.ConfigDict(dict(transitions=2048, num_envs=64))  # per game
   sft_optimizer = optimizer_config()
   sft_optimizer.update(dict(learning_rate=2e-3, warmup_steps=30, final_fraction=0.05,

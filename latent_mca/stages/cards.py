@@ -25,6 +25,15 @@ GAE, `ppo.epochs` epochs of clipped PPO over minibatches, log pi = thought_coef 
 thoughts + action (`cards.agent`). Its success rate is over the last episodes finished
 in training, as the reference reports it. Each PPO run checkpoints after every update
 and resumes from the last one (its environments then start fresh episodes).
+
+Acting and the PPO learner run on the mesh of `config.mesh`
+(`latent_mca.parallel.mesh`), as the pipeline's RL stage does: the learner's TrainState
+(the LatentSystem's params and the value head, Adam's moments) is sharded by the
+logical-axis rules, the PPO step is jitted with its shardings in and out (donated) and
+the minibatches' rows are split over the batch axes (data x fsdp, the packed frames
+replicated); the rollouts split the environments over the same axes, with the params
+gathered whole onto each device. ppo.num_envs, ppo.minibatch_size and eval.num_envs
+must be multiples of the batch shards (data x fsdp).
 """
 
 from __future__ import annotations
@@ -41,7 +50,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
 from tqdm import tqdm
 
 from latent_mca.cards import agent as agent_lib
@@ -56,8 +64,10 @@ from latent_mca.data.image_processing import ImageProcessorConfig
 from latent_mca.data.tokenizers import IM_END, train_bpe_tokenizer
 from latent_mca.latent import steps as steps_lib
 from latent_mca.models import qwen2_5_vl
+from latent_mca.parallel import mesh as mesh_lib
 from latent_mca.rl import ppo as ppo_lib
 from latent_mca.rl import rollout as rollout_lib
+from latent_mca.rl import step as rl_step_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import data as data_lib
 from latent_mca.stages import latent as latent_lib
@@ -335,7 +345,12 @@ def _latent_variables(config, workdir: str, system, model_cfg):
 
 
 class Actor:
-  """One game's environments acting with the agent in one space, batched and jitted."""
+  """One game's environments acting with the agent in one space, batched and jitted.
+
+  The mesh and rules are `config.mesh`'s (`mesh_lib`; not the card picture's `Layout`):
+  the rollout splits the environments over its batch axes (data x fsdp), `learner`
+  lays out the PPO learner on it.
+  """
 
   def __init__(self, config, workdir: str, game: str, space: str):
     _, processor, layout, model_cfg = _setup(config, workdir)
@@ -351,9 +366,13 @@ class Actor:
         group_size=1, max_new_tokens=config.max_new_tokens, temperature=p.temperature,
         top_k=p.latent_top_k if latent_space else 0,
         stop_token_ids=tuple(model_cfg.eos_token_id), pad_token_id=model_cfg.pad_token_id or 0)
-    self.devices = jax.device_count()
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    self.rollout = rollout_lib.sharded_rollout(self.system, mesh, space=space, sampling=sampling)
+    self.mesh, self.rules = mesh_lib.make_mesh(config.mesh), mesh_lib.rules(config.mesh)
+    # The environments' rows are split over the batch axes (data x fsdp), in the rollout
+    # and in the learner; devices that differ only along "tensor" act on the same rows.
+    self.shards = mesh_lib.batch_parallelism(self.mesh, self.rules)
+    self.rollout = rollout_lib.sharded_rollout(self.system, self.mesh, space=space,
+                                               sampling=sampling,
+                                               axes=mesh_lib.batch_axes(self.rules))
     self.env_step = jax.jit(jax.vmap(self.env.step_autoreset))
     self.env_reset = jax.jit(jax.vmap(self.env.reset))
     # The game's own prompt, unpadded: left padding to the longest game's (as in the SFT
@@ -371,14 +390,30 @@ class Actor:
     params = dict(params, **{agent_lib.VALUE_HEAD: agent_lib.init_value_head(self.agent, rng)})
     return params, extra
 
+  def check_batch_size(self, batch_size: int, field: str) -> None:
+    """ConfigError naming `field` unless the mesh's batch shards divide `batch_size`."""
+    mesh_lib.check_batch_size(batch_size, self.mesh, self.rules, field)
+
+  def learner(self, make_state, params):
+    """(layout, state, step) of the PPO learner on the mesh: the state make_state(params)
+    sharded at birth by a `mesh_lib.Layout` of the agent's boxed params (the
+    LatentSystem's and the value head's), and `ppo_step` jitted for it
+    (`loop.jit_step`: fn(state, batch, step), the state donated). Place the batches with
+    `rl.step.place_batch` and call the step inside `layout.context()`."""
+    return ppo_learner(self.agent, self.mesh, self.rules, make_state, params)
+
+  def prompts(self, obs) -> dict:
+    """The rollout's prompts for a batch of frames, the images packed per batch shard."""
+    return agent_lib.prompt_batch(self.prompt_ids, self.prompt_mask, obs,
+                                  self.layout.image_size, shards=self.shards)
+
   def reset(self, rng, num_envs: int):
     obs, state = self.env_reset(jax.random.split(rng, num_envs))
     return obs, state
 
   def act(self, params, extra, obs, rng, np_rng):
     """(transition fields of one step, action indices, parse fallbacks) for a batch of frames."""
-    prompts = agent_lib.prompt_batch(self.prompt_ids, self.prompt_mask, obs,
-                                     self.layout.image_size, shards=self.devices)
+    prompts = self.prompts(obs)
     out = self.rollout(params, extra, prompts, rng)
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     texts = rollout_lib.response_texts(out, self.layout.processor.tokenizer.decode)
@@ -393,6 +428,25 @@ class Actor:
               "old_logp": (coef * (logp * thought).sum(1) + (logp * action).sum(1)),
               "old_values": values}
     return fields, index, fallback, texts
+
+
+@functools.cache
+def _ppo_step(agent: agent_lib.AgentConfig):
+  """One step object per agent config: `loop.jit_step` compiles it once per layout."""
+  return functools.partial(agent_lib.ppo_step, config=agent)
+
+
+def ppo_learner(agent: agent_lib.AgentConfig, mesh, rules, make_state, params):
+  """(layout, state, step): `Actor.learner` on a given mesh and logical-axis rules.
+
+  The layout (`mesh_lib.Layout`) shards the state as the agent's boxed params say
+  (`agent.boxed_params`: the backbone's and latent modules' logical axes, and the value
+  head's), Adam's moments alike; the state is created sharded; the step is
+  `agent.ppo_step` jitted by `loop.jit_step` with the state's shardings in and out.
+  """
+  layout = mesh_lib.Layout.build(mesh, rules, make_state, agent_lib.boxed_params(agent))
+  step = loop.jit_step(_ppo_step(agent), layout)
+  return layout, layout.init_state(make_state, params), step
 
 
 def _span_masks(tokenizer, tokens: np.ndarray, mask: np.ndarray):
@@ -464,6 +518,7 @@ def eval_sft(config, workdir: str) -> dict:
     path = os.path.join(workdir, game, "eval_sft.json")
     if not os.path.isfile(path):
       actor = Actor(config, workdir, game, rollout_lib.TOKEN)
+      actor.check_batch_size(config.eval.num_envs, "config.eval.num_envs")
       rng = jax.random.fold_in(jax.random.key(config.seed), 7)
       params, extra = actor.start_variables(workdir, rng)
       need, n = window(config, game), config.eval.num_envs
@@ -504,6 +559,8 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
     return _json(result_path)
   os.makedirs(stage_dir, exist_ok=True)
   actor = Actor(config, workdir, game, space)
+  actor.check_batch_size(p.num_envs, "config.ppo.num_envs")
+  actor.check_batch_size(p.minibatch_size, "config.ppo.minibatch_size")
   rng = jax.random.fold_in(jax.random.key(config.seed), 11)
   params, extra = actor.start_variables(workdir, rng)
   pcfg = actor.agent.ppo
@@ -511,8 +568,9 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
   optimizer.trainable = tuple(t for t in p.trainable if t) or agent_lib.TRAINABLE[space]
   n_items = pcfg.batch_size
   tx = state_lib.make_optimizer(optimizer, horizon)
-  state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed), extra)
-  step = jax.jit(functools.partial(agent_lib.ppo_step, config=actor.agent), donate_argnums=0)
+  make_state = functools.partial(state_lib.TrainState.create, tx=tx,
+                                 rng=jax.random.key(config.seed), extra=extra)
+  layout, state, step = actor.learner(make_state, params)
   need = window(config, game)
   history, episodes = [], Episodes()
   log = metrics_lib.MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
@@ -532,9 +590,7 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
         transitions, obs, env_state, ret, fallback = _rollout_steps(
             actor, state.params, state.extra, obs, env_state, p.num_steps, update_rng, np_rng,
             episodes, ret)
-        prompts = agent_lib.prompt_batch(actor.prompt_ids, actor.prompt_mask, obs,
-                                         actor.layout.image_size, shards=actor.devices)
-        last_value = agent_lib.prompt_values(actor.agent, state.params, prompts)
+        last_value = agent_lib.prompt_values(actor.agent, state.params, actor.prompts(obs))
         advantages, returns = ppo_lib.advantages_and_returns(
             pcfg, jnp.asarray(transitions["rewards"]), jnp.asarray(transitions["old_values"]),
             jnp.asarray(transitions["dones"]), last_value)
@@ -545,10 +601,14 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
         sums: dict[str, list] = {}
         order = np.asarray(ppo_lib.minibatch_indices(jax.random.fold_in(update_rng, 1),
                                                      n_items, pcfg.minibatch_size, pcfg.epochs))
-        for epoch, minibatches in enumerate(order):
+        for minibatches in order:
           for index in minibatches:
-            batch = agent_lib.update_batch(flat, index, actor.layout.image_size)
-            state, metrics = step(state, batch, jax.random.fold_in(update_rng, epoch))
+            # Rows split over the batch axes, the packed frames replicated.
+            batch = rl_step_lib.place_batch(
+                layout, agent_lib.update_batch(flat, index, actor.layout.image_size))
+            # ppo_step draws no key: the step number only keys jit_step's unused fold_in.
+            with layout.context():
+              state, metrics = step(state, batch, update)
             for key, value in metrics_lib.scalars(metrics).items():
               sums.setdefault(key, []).append(value)
         record = {"step": update, **{k: float(np.mean(v)) for k, v in sums.items()},
