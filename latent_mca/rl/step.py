@@ -159,9 +159,9 @@ def place_batch(layout: mesh_lib.Layout, batch: dict) -> dict:
 
 
 @functools.cache
-def _sharded_step(config: RLStepConfig, mesh, rules, state_def, state_shardings: tuple):
-  layout = mesh_lib.Layout(mesh, rules, jax.tree.unflatten(state_def, state_shardings))
-  return loop.jit_step(functools.partial(rl_step, config=config), layout)
+def _step_fn(config: RLStepConfig):
+  """One step object per config, so `loop.jit_step` shares its compilation."""
+  return functools.partial(rl_step, config=config)
 
 
 def sharded_step(config: RLStepConfig, layout: mesh_lib.Layout):
@@ -174,8 +174,7 @@ def sharded_step(config: RLStepConfig, layout: mesh_lib.Layout):
   per (config, mesh, rules, state layout) in the process: every run with equal
   settings (run_all's algorithms of a space) shares its compilation.
   """
-  leaves, state_def = jax.tree.flatten(layout.state)
-  return _sharded_step(config, layout.mesh, layout.rules, state_def, tuple(leaves))
+  return loop.jit_step(_step_fn(config), layout)
 
 
 @functools.cache
