@@ -1,0 +1,45 @@
+"""The reading experiment's frames and curriculum (experiments/cards_reading.py)."""
+
+import numpy as np
+import pytest
+
+from experiments import cards_reading
+from latent_mca.cards import render
+
+
+def test_a_centred_digit_is_drawn_in_the_frame_centre_and_each_digit_differs():
+  frames = [cards_reading.digit_frame(d) for d in range(1, 7)]
+  for frame in frames:
+    assert frame.shape == (300, 300, 3) and frame.dtype == np.uint8
+    rows, cols = np.nonzero(frame.min(-1) < 128)
+    assert rows.size > 0
+    assert abs((rows.min() + rows.max()) / 2 - 150) <= 2
+    assert abs((cols.min() + cols.max()) / 2 - 150) <= 2
+    assert frame[:40].min() == 255 and frame[-40:].min() == 255  # white away from the glyph
+  for a in range(6):
+    for b in range(a + 1, 6):
+      assert not np.array_equal(frames[a], frames[b])
+
+
+def test_a_larger_glyph_covers_more_of_the_frame():
+  small = (cards_reading.digit_frame(8) < 128).sum()
+  large = (cards_reading.digit_frame(8, 4 * render.NUMBER_TEXT) < 128).sum()
+  assert large > 8 * small
+
+
+def test_a_digit_anywhere_stays_inside_the_frame_and_moves():
+  rng = np.random.default_rng(0)
+  tops = set()
+  for _ in range(20):
+    frame = cards_reading.digit_frame(3, 2 * render.NUMBER_TEXT, rng)
+    rows, _ = np.nonzero(frame.min(-1) < 128)
+    tops.add(int(rows.min()))
+    ink = (cards_reading.digit_frame(3, 2 * render.NUMBER_TEXT) < 128).sum()
+    assert (frame < 128).sum() == ink  # the whole glyph is drawn, none cut off
+  assert len(tops) > 5
+
+
+@pytest.mark.parametrize("i, steps, expected", [(0, 300, 4.0), (100, 300, 2.5),
+                                                (200, 300, 1.0), (299, 300, 1.0)])
+def test_the_shrink_curriculum_reaches_numberline_size_at_two_thirds(i, steps, expected):
+  assert cards_reading.shrink_scale(i, steps) == pytest.approx(expected)
