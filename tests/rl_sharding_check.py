@@ -59,8 +59,11 @@ def check_rollout(system, params, extra, space: str):
   config = _mesh_config(sizes)
   mesh, rules = mesh_lib.make_mesh(config), mesh_lib.rules(config)
   shards = mesh_lib.batch_parallelism(mesh, rules)
+  # The second chunk of a pool (`RLRunner.sample`): each shard's rows start at the chunk's
+  # offset plus its own.
+  offset = PROMPTS * sampling().group_size
   single = ro.jitted_rollout(system, space=space, sampling=sampling())(
-      params, extra, tiny_prompts(PROMPTS), jax.random.key(3))
+      params, extra, tiny_prompts(PROMPTS), jax.random.key(3), row_offset=offset)
   # As RLRunner.sample: params laid out as the TrainState's, extra and the key replicated.
   placed = jax.device_put(params, sharding.boxed_shardings(system.boxed_params(), mesh,
                                                            rules))
@@ -68,7 +71,7 @@ def check_rollout(system, params, extra, space: str):
   sharded = ro.sharded_rollout(system, mesh, space=space, sampling=sampling(),
                                axes=mesh_lib.batch_axes(rules))(
       placed, jax.device_put(extra, replicated), tiny_prompts(PROMPTS, shards=shards),
-      jax.device_put(jax.random.key(3), replicated))
+      jax.device_put(jax.random.key(3), replicated), row_offset=offset)
   assert len(sharded.tokens.sharding.device_set) == 8
   rows = PROMPTS * sampling().group_size // shards
   assert {s.data.shape[0] for s in sharded.tokens.addressable_shards} == {rows}

@@ -18,7 +18,7 @@ from latent_mca.rl import prompts as prompts_lib
 from latent_mca.rl import rollout as ro
 from latent_mca.rl import step as step_lib
 from latent_mca.training import state as state_lib
-from tests.rl_fixtures import sampling, tiny_examples, tiny_prompts, tiny_system
+from tests.rl_fixtures import PAD, sampling, tiny_examples, tiny_prompts, tiny_system
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACES = ("latent", "token")
@@ -53,6 +53,37 @@ def test_sharded_rollouts_and_steps_equal_single_device_on_8_devices():
   lines = {" ".join(line.split()[:3]) for line in proc.stdout.splitlines()}
   expected = {f"OK {check} {space}" for check in ("rollout", "step") for space in SPACES}
   assert expected <= lines, (expected - lines, proc.stdout)
+
+
+def test_a_pool_sampled_in_chunks_equals_one_call_from_one_program(tiny, monkeypatch):
+  """DAPO's oversampled pool goes through the rollout program of prompts_per_step prompts,
+  chunk by chunk (`RLRunner.sample`): with each chunk's row offset its rows and keys are
+  those of one call over the pool, and every chunk runs the one compiled program."""
+  system, params, extra = tiny
+  config = sampling(max_new_tokens=7)  # a program no other test compiles
+  key = jax.random.key(3)
+  whole = ro.jitted_rollout(system, space="latent", sampling=config)(
+      params, extra, tiny_prompts(4), key)
+  traces = []
+  real = ro.rollout
+
+  def counted(*args, **kwargs):
+    traces.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(ro, "rollout", counted)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  run = ro.sharded_rollout(system, mesh, space="latent", sampling=config)
+  examples, rows = tiny_examples(4), 2 * config.group_size
+  for c in range(2):
+    prompts = prompts_lib.collate_prompts(examples[2 * c:2 * c + 2], PAD, 40, 64)
+    part = run(params, extra, prompts, key, row_offset=c * rows)
+    for field in ("tokens", "actions", "mask"):
+      np.testing.assert_array_equal(getattr(part, field),
+                                    getattr(whole, field)[c * rows:(c + 1) * rows], field)
+    np.testing.assert_allclose(part.logp, whole.logp[c * rows:(c + 1) * rows], rtol=1e-5,
+                               atol=1e-6)
+  assert len(traces) == 1
 
 
 @pytest.mark.parametrize("space", SPACES)

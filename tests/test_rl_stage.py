@@ -151,6 +151,24 @@ def test_rl_stage_runs_every_listed_algorithm_and_space_and_tabulates_them(smoke
   assert os.path.getsize(os.path.join(workdir, "rl_rewards.png")) > 0
 
 
+@pytest.mark.parametrize("space", ["latent", "token"])
+def test_dapos_oversampled_pool_samples_with_the_other_algorithms_program(smoke, space):
+  """DAPO's pool of dapo_oversample x prompts_per_step prompts goes through the rollout
+  program of prompts_per_step prompts, chunk by chunk: it compiles nothing more."""
+  config, workdir, _, _ = smoke
+  runner = rl_stage.RLRunner(_config(config, algorithm="dapo", action_space=space), workdir)
+  assert runner.pool == config.rl.prompts_per_step * config.rl.dapo_oversample > 1
+  source = rl_stage.prompt_items(config, workdir, runner.processor)
+  items = [source[i] for i in range(runner.pool)]
+  key = jax.random.key(0)
+  runner.sample(runner.params, items[:config.rl.prompts_per_step], key)
+  compiled = runner.rollout.jitted._cache_size()
+  out, texts, raw = runner.sample(runner.params, items, key)
+  assert runner.rollout.jitted._cache_size() == compiled
+  rows = runner.pool * config.rl.group_size
+  assert out.tokens.shape[0] == len(texts) == len(raw) == rows
+
+
 def test_an_unknown_algorithm_in_the_list_stops_the_stage_before_any_run(smoke, tmp_path):
   config, _, _, _ = smoke
   with pytest.raises(ValueError, match="unknown RL algorithm 'ppo'"):

@@ -276,14 +276,21 @@ def test_cli_missing_config_file(tmp_path, overrides):
   assert "Traceback" not in result.stderr
 
 
+def test_an_optional_xla_flag_is_added_only_if_jaxlib_names_it():
+  from latent_mca import compilation_cache
+  assert compilation_cache._jaxlib_knows("--xla_backend_optimization_level=0")
+  assert not compilation_cache._jaxlib_knows("--xla_cpu_no_such_flag_latent_mca=true")
+
+
 def test_fast_compile_sets_xla_flags_only_before_the_backends_start(tmp_path):
   script = textwrap.dedent("""
       import os, jax
-      from latent_mca.compilation_cache import FAST_COMPILE_FLAGS, fast_compile
+      from latent_mca.compilation_cache import FAST_COMPILE_FLAGS, fast_compile, fast_compile_flags
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
       assert fast_compile()
       flags = os.environ["XLA_FLAGS"].split()
-      assert flags == ["--xla_force_host_platform_device_count=2", *FAST_COMPILE_FLAGS], flags
+      assert fast_compile_flags()[:len(FAST_COMPILE_FLAGS)] == FAST_COMPILE_FLAGS
+      assert flags == ["--xla_force_host_platform_device_count=2", *fast_compile_flags()], flags
       assert fast_compile() and os.environ["XLA_FLAGS"].split() == flags  # idempotent
       assert jax.device_count() == 2  # XLA read the combined flags
       os.environ["XLA_FLAGS"] = ""

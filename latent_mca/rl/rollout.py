@@ -219,11 +219,16 @@ def sharded_rollout(system: LatentSystem, mesh: Mesh, *, space: str, sampling: S
                     axes: str | tuple[str, ...] | None = None):
   """`rollout` as one jitted program over `mesh`, groups split over its batch `axes`.
 
-  Returns fn(params, extra, prompts, rng) -> Rollout, rows in global order (one
-  compiled program per argument set: later calls with equal arguments reuse it). Each
-  of the S = prod(mesh.shape[axes]) batch shards takes B / S whole prompts (B must
-  divide) and its own image pack (`collate_prompts` with shards=S); the result equals
-  the single-device `rollout` (per-row keys use global row indices).
+  Returns fn(params, extra, prompts, rng, row_offset=0) -> Rollout, rows in global
+  order (one compiled program per argument set: later calls with equal arguments reuse
+  it). Each of the S = prod(mesh.shape[axes]) batch shards takes B / S whole prompts
+  (B must divide) and its own image pack (`collate_prompts` with shards=S); the result
+  equals the single-device `rollout` (per-row keys use global row indices).
+
+  row_offset (a Python int, traced: every offset runs one program) is the global index
+  of the call's first row: a pool of prompts sampled in chunks, chunk c at offset
+  c * B * G, gets the rows (and keys) that one call over the whole pool would give,
+  from the program of one chunk's shape.
 
   axes: the mesh axes the prompts are split over, major to minor; None: those of
     `BATCH_AXES` ("data", "fsdp") the mesh has, i.e. the axes the "batch" logical axis
@@ -247,17 +252,17 @@ def sharded_rollout(system: LatentSystem, mesh: Mesh, *, space: str, sampling: S
   shards = int(np.prod([mesh.shape[a] for a in axes]))
   rows_spec = P(axes) if axes else P()
 
-  def local(params, extra, prompts, rng):
+  def local(params, extra, prompts, rng, row_offset):
     rows = prompts["input_ids"].shape[0] * sampling.group_size
-    offset = jax.lax.axis_index(axes) * rows if axes else 0
+    offset = row_offset + (jax.lax.axis_index(axes) * rows if axes else 0)
     return rollout(system, params, extra, prompts, rng, space=space, sampling=sampling,
                    row_offset=offset)
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), rows_spec, P()),
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), rows_spec, P(), P()),
                           out_specs=rows_spec, check_vma=False)
 
   @jax.jit
-  def run(params, extra, prompts, rng):
+  def jitted(params, extra, prompts, rng, row_offset):
     b = prompts["input_ids"].shape[0]
     if b % shards:
       raise ValueError(f"{b} prompts do not split over the {shards} shards of mesh axes "
@@ -265,8 +270,13 @@ def sharded_rollout(system: LatentSystem, mesh: Mesh, *, space: str, sampling: S
     if "pixel_values" in prompts and prompts["pixel_values"].shape[0] != shards:
       raise ValueError(f"the image pack has {prompts['pixel_values'].shape[0]} shards; collate "
                        f"the prompts with shards={shards}")
-    return sharded(params, extra, prompts, rng)
+    return sharded(params, extra, prompts, rng, row_offset)
 
+  def run(params, extra, prompts, rng, row_offset: int = 0):
+    # Always a weakly typed int32 scalar: one trace whatever the offset.
+    return jitted(params, extra, prompts, rng, int(row_offset))
+
+  run.jitted = jitted  # the jitted program (its compilations: run.jitted._cache_size())
   return run
 
 

@@ -9,8 +9,10 @@ its top `token_top_layers` decoder layers, embeddings, final norm and LM head. E
 
   1. prompts_per_step prompts of the dialogue tasks' rl split (DAPO with dynamic
      sampling: dapo_oversample times as many, of which the first prompts_per_step groups
-     whose rewards are not all equal train), each sampled group_size times in one
-     jitted program, the groups split over the mesh's batch axes (`rl.rollout`);
+     whose rewards are not all equal train), each sampled group_size times by one
+     jitted program of prompts_per_step prompts (DAPO's pool in chunks of that many,
+     with the keys one call over the pool would use), the groups split over the mesh's
+     batch axes (`rl.rollout`);
   2. rewards from the judge (`rl.judge`, `judge.rewards.make_reward_fn`: the programmatic
      judge of the synthetic world by default, or an LLM judge behind an OpenAI-compatible
      endpoint; either way the response's scores over the reference reply's), DAPO's
@@ -260,19 +262,33 @@ class RLRunner:
     return loaded["params"], loaded["extra"]
 
   def sample(self, params, items, rng):
-    """(rollout, texts, raw rewards) of the items' prompts, G samples each."""
-    prompts = prompts_lib.collate_prompts([p for _, _, p in items], self.processor.pad_token_id,
-                                          self.config.rl.prompt_length, self.patches,
-                                          shards=self.shards)
+    """(rollout, texts, raw rewards) of the items' prompts, G samples each.
+
+    The prompts go through the rollout program in chunks of rl.prompts_per_step (DAPO's
+    oversampled pool is several), chunk c from row c * prompts_per_step * G on: the rows
+    and their keys are those of one call over all the items, and every pool that is a
+    multiple of prompts_per_step runs the one program of prompts_per_step prompts (a
+    shorter last chunk compiles its own). Several chunks' rollouts are joined on the host
+    (numpy arrays).
+    """
+    chunk, g = self.config.rl.prompts_per_step, self.config.rl.group_size
     # The params laid out as the TrainState's (a no-op for those, and for the start
     # variables), the key committed like the training keys (split from the replicated
     # state.rng): evaluations and training steps call the program with one signature.
     # Called outside the layout's context: under the shard_map each device decodes its
     # rows with whole params, and the model's logical constraints must not apply there.
     params = jax.device_put(params, self.param_shardings)
-    out = self.rollout(params, self.extra, prompts, jax.device_put(rng, self.replicated))
+    rng = jax.device_put(rng, self.replicated)
+    outs = []
+    for start in range(0, len(items), chunk):
+      prompts = prompts_lib.collate_prompts([p for _, _, p in items[start:start + chunk]],
+                                            self.processor.pad_token_id,
+                                            self.config.rl.prompt_length, self.patches,
+                                            shards=self.shards)
+      outs.append(self.rollout(params, self.extra, prompts, rng, row_offset=start * g))
+    out = outs[0] if len(outs) == 1 else jax.tree.map(
+        lambda *xs: np.concatenate(jax.device_get(xs)), *outs)
     texts = rollout_lib.response_texts(out, self.processor.tokenizer.decode)
-    g = self.config.rl.group_size
     rewards = [r for i, (_, example, _) in enumerate(items)
                for r in self.reward_fn(example, texts[i * g:(i + 1) * g])]
     return out, texts, np.asarray(rewards, np.float32)
