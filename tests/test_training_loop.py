@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import flax.linen as nn
@@ -277,3 +278,30 @@ def test_one_step_function_is_traced_once_across_runs(tmp_path):
     np.testing.assert_array_equal(a, b)
   assert loop.jit_step(counted) is loop.jit_step(counted)
   assert loop.jit_step(train_step) is not loop.jit_step(counted)
+
+
+def test_plots_in_the_background_are_all_drawn_on_leaving_the_context(tmp_path):
+  jsonl = str(tmp_path / "metrics.jsonl")
+  with open(jsonl, "w") as f:
+    for step in range(1, 6):
+      f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+  pngs = [str(tmp_path / f"curves_{i}.png") for i in range(3)]
+  with metrics.background_plots():
+    for png in pngs:
+      metrics.plot_metrics(jsonl, png, ["loss"])
+    with pytest.raises(ValueError, match="no metric"):  # checked now, not in the background
+      metrics.plot_metrics(jsonl, str(tmp_path / "bad.png"), ["accuracy"])
+  for png in pngs:
+    with open(png, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not os.path.exists(tmp_path / "bad.png")
+
+
+def test_a_background_plot_that_fails_raises_on_leaving_the_context(tmp_path):
+  missing_folder = str(tmp_path / "no_such_folder" / "curves.png")
+  jsonl = str(tmp_path / "metrics.jsonl")
+  with open(jsonl, "w") as f:
+    f.write(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+  with pytest.raises(FileNotFoundError):
+    with metrics.background_plots():
+      metrics.plot_metrics(jsonl, missing_folder, ["loss"])

@@ -52,6 +52,7 @@ from latent_mca.stages import evaluate as evaluate_lib
 from latent_mca.stages import latent
 from latent_mca.stages import report as report_lib
 from latent_mca.stages import rl
+from latent_mca.training import metrics as metrics_lib
 from latent_mca.training import precision
 from latent_mca.training.state import optimizer_config
 
@@ -330,6 +331,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: {sorted(STAGES)}")
   if config.xla_fast_compile:
     fast_compile()
+  # Plots are drawn by a second process while the stages go on; all finished on return.
+  with metrics_lib.background_plots():
+    return _run_stages(config, workdir, stages)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str, stages: list[str]) -> dict:
   chosen = seeds(config)
   metrics = {}
   for seed in chosen:

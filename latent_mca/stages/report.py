@@ -174,7 +174,7 @@ def write_report(workdir: str, workdirs: list[str], seeds: list[int]) -> tuple[s
   table, versus, diversity = main_table(evals), latent_vs_token(evals), diversity_table(workdirs)
   folder = os.path.join(workdir, FOLDER)
   os.makedirs(folder, exist_ok=True)
-  plot_reward_curves(workdirs, os.path.join(folder, "reward_curves.png"))
+  metrics_lib.plot(plot_reward_curves, workdirs, os.path.join(folder, "reward_curves.png"))
   usage = plot_codebook_usage(evals, os.path.join(folder, "codebook_usage.png"))
   seconds = [backbone_lib.read_json(os.path.join(w, "stage_seconds.json"))
              if os.path.isfile(os.path.join(w, "stage_seconds.json")) else {} for w in workdirs]

@@ -506,7 +506,7 @@ def write_summary(workdir: str) -> str:
             "prompts (start: the SFT point; s.e. over prompts of the paired change).\n\n"
             + "\n".join(lines) + "\n")
   if runs:
-    _plot_rewards(runs, os.path.join(workdir, "rl_rewards.png"))
+    metrics_lib.plot(_plot_rewards, runs, os.path.join(workdir, "rl_rewards.png"))
   return table
 
 

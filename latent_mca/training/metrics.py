@@ -8,12 +8,15 @@ from a restored history, so a resumed stage never repeats a step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing
 import numbers
 import os
 import time
-from typing import Mapping, Sequence
+from concurrent import futures
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -106,6 +109,45 @@ def read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+# The process that draws plots while the job goes on (`background_plots`), and its work.
+_PLOTTER: futures.Executor | None = None
+_PENDING: list[futures.Future] = []
+
+
+@contextlib.contextmanager
+def background_plots() -> Iterator[None]:
+  """Within this context, `plot` calls draw their PNGs in a separate process (matplotlib is
+  a sixth of a small job's main-thread time; a second core draws while the first traces
+  and compiles). On exit every plot is finished, and the first one that failed raises.
+  Nested uses share the outer one's process."""
+  global _PLOTTER
+  if _PLOTTER is not None:
+    yield
+    return
+  # spawn, not fork: a fork of a process running JAX's threads may deadlock.
+  _PLOTTER = futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+  try:
+    yield
+  finally:
+    pending, plotter = list(_PENDING), _PLOTTER
+    _PENDING.clear()
+    _PLOTTER = None
+    try:
+      for future in pending:
+        future.result()
+    finally:
+      plotter.shutdown()
+
+
+def plot(draw: Callable, *args) -> None:
+  """draw(*args) now, or in the plotting process inside `background_plots` (`draw` a
+  module-level function, its arguments picklable)."""
+  if _PLOTTER is None:
+    draw(*args)
+  else:
+    _PENDING.append(_PLOTTER.submit(draw, *args))
+
+
 def plot_metrics(metrics_jsonl: str, png_path: str,
                  panels: Sequence[str | Sequence[str]], columns: int = 4,
                  skip_missing: bool = False) -> None:
@@ -114,15 +156,12 @@ def plot_metrics(metrics_jsonl: str, png_path: str,
   An entry is a metric name, or a sequence of names drawn together in one panel with
   a legend (e.g. a loss and its baselines). Panels fill rows of `columns`.
   skip_missing=True leaves out metrics the file does not hold (and emptied panels),
-  e.g. the terms an ablation switches off.
+  e.g. the terms an ablation switches off. The file is read now; inside
+  `background_plots` the PNG is drawn in the background.
 
   Raises:
     ValueError: a metric that no record of the file holds (unless skip_missing).
   """
-  # matplotlib only for plotting: training does not need it installed.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
   records = read_metrics(metrics_jsonl)
   groups = [(p,) if isinstance(p, str) else tuple(p) for p in panels]
   if skip_missing:
@@ -131,19 +170,31 @@ def plot_metrics(metrics_jsonl: str, png_path: str,
   missing = [k for g in groups for k in g if not any(k in r for r in records)]
   if missing:
     raise ValueError(f"{metrics_jsonl} has no metric {missing}")
-  cols = min(columns, len(groups))
-  rows = -(-len(groups) // cols)
+  curves = [[(key, [(r["step"], r[key]) for r in records
+                    if key in r and math.isfinite(r[key])]) for key in group]
+            for group in groups]
+  plot(_draw_curves, curves, png_path, columns)
+
+
+def _draw_curves(panels: list[list[tuple[str, list]]], png_path: str, columns: int) -> None:
+  """Draws `plot_metrics`'s panels: each a list of (name, [(step, value)])."""
+  # matplotlib only for plotting: training does not need it installed.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  cols = min(columns, len(panels))
+  rows = -(-len(panels) // cols)
   width, height = 4.5 * cols, 3.3 * rows
   fig = Figure(figsize=(width, height))
   FigureCanvasAgg(fig)  # an explicit Agg canvas: no pyplot, no global backend
-  for i, group in enumerate(groups):
+  for i, panel in enumerate(panels):
     ax = fig.add_subplot(rows, cols, i + 1)
-    for key in group:
-      points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+    names = [key for key, _ in panel]
+    for key, points in panel:
       steps, values = zip(*points) if points else ((), ())
       ax.plot(steps, values, marker="." if len(points) < 50 else None, label=key)
-    ax.set_title(group[0] if len(group) == 1 else _common_prefix(group))
-    if len(group) > 1:
+    ax.set_title(names[0] if len(names) == 1 else _common_prefix(names))
+    if len(names) > 1:
       ax.legend(fontsize="small")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
