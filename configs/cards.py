@@ -15,6 +15,19 @@ The PPO settings are the reference's (clip 0.1, value clip 0.1, value coef 0.5, 
 GAE lambda 0.95, 4 epochs, temperature 0.2, thought coefficient 0.5, gradient norm 0.01)
 except the learning rate: 1e-5 moves a 7B LoRA; the from-scratch model here trains all
 its weights at 1e-4 (see results/cards_cpu/ for what that reaches).
+
+Reading pretraining is opt-in (0 steps by default; results/cards_cpu/ was made without
+it, and PPO after it is not yet measured). From scratch the warm start never learns to
+read its frames (results/cards_reading/); a glyph curriculum, then the games' readings,
+before SFT:
+
+  python -m experiments.run --config configs/cards.py:GAME --workdir W \
+      --config.reading.glyph_steps=300 --config.reading.steps=600
+
+The `reading` stage (after the tokenizer, before sft) writes W/reading/ (checkpoints,
+metrics.jsonl, result.json with each game's value-token accuracy on held-out frames, true
+and shuffled), and sft then starts from its params. Use a fresh workdir, or one whose sft
+has not run: a finished sft is reused as it is.
 """
 
 from latent_mca.jobs import cards

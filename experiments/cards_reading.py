@@ -21,6 +21,9 @@ reading from that vision tower). `--control_steps` trains control tasks first, e
 scratch, whose one-token answer is only in the image (`--controls`): the frame's colour
 (global), the row of a black band (positional), one digit alone (a glyph's shape) and
 NumberLine's target number (a glyph at a place, beside a distracting one). Writes W/cards_reading.{json,md}.
+
+The frames, readings and batches are `latent_mca.cards.reading`'s, which the cards job's
+`reading` stage trains on (the glyph curriculum, then the readings).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import time
 
 import flax.linen as nn
@@ -38,11 +40,9 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from latent_mca.cards import agent as agent_lib
 from latent_mca.cards import envs as envs_lib
-from latent_mca.cards import experts
-from latent_mca.cards import glyphs
 from latent_mca.cards import pixels as pixels_lib
+from latent_mca.cards import reading as reading_lib
 from latent_mca.cards import render as render_lib
 from latent_mca.jobs import cards as cards_job
 from latent_mca.models import qwen2_5_vl
@@ -69,94 +69,13 @@ _CONTROL_KINDS = flags.DEFINE_string("controls", "colour,band",
                                      "Control tasks, comma-separated: " + ", ".join(CONTROLS))
 _CHAIN = flags.DEFINE_bool("chain", False, "Each control task starts from the previous one's "
                            "backbone, and the reading from the last one's (a curriculum).")
-_MAX_READING = 32  # tokens: the longest reading (Blackjack, a 5-card hand) takes ~26
-_VALUE = re.compile(r"[0-9AJQK]")
-
-
-def reading(game: str, view: dict) -> str:
-  """The part of the expert's response that restates the frame."""
-  text, _ = experts.expert_response(game, view)
-  if game == "blackjack":
-    return text[:text.index(". ", text.index("Dealer has")) + 1]
-  return text[:text.index('"thoughts"')]
-
-
-def random_states(env: envs_lib.CardEnv, key, n: int, max_actions: int = 4):
-  """n states: a reset, then 0..max_actions uniformly random actions (auto-resetting)."""
-
-  def one(key):
-    k_reset, k_len, key = jax.random.split(key, 3)
-    state = env.reset_state(k_reset)
-    length = jax.random.randint(k_len, (), 0, max_actions + 1)
-
-    def body(i, carry):
-      state, key = carry
-      key, k_action, k_step = jax.random.split(key, 3)
-      action = jax.random.randint(k_action, (), 0, env.num_actions)
-      _, stepped, _, _, _ = env.step_autoreset(k_step, state, action)
-      state = jax.tree.map(lambda old, new: jnp.where(i < length, new, old), state, stepped)
-      return state, key
-
-    return jax.lax.fori_loop(0, max_actions, body, (state, key))[0]
-
-  return jax.vmap(one)(jax.random.split(key, n))
-
-
-def prompt_ids(processor, config, game: str) -> np.ndarray:
-  """The reading prompt: the frame, then "Read the <game> frame."."""
-  return agent_lib.game_prompt_ids(processor, game, config.image_size,
-                                   text=f"Read the {game} frame.")
-
-
-def lm_batch(prompt: tuple[np.ndarray, np.ndarray], ids: np.ndarray, mask: np.ndarray,
-             frames, size: int) -> dict:
-  """A `backbone.train_step` batch: the (ids, mask) prompt tiled over the rows, then the
-  targets `ids` [B, M] learned where `mask`, and the frames' patches."""
-  n, zeros = len(ids), np.zeros((len(ids), len(prompt[0])), np.int32)
-  pixel_values, grid = pixels_lib.frames_to_pixels(frames, size)
-  return {"input_ids": np.concatenate([np.tile(prompt[0], (n, 1)), ids], 1),
-          "attention_mask": np.concatenate([np.tile(prompt[1], (n, 1)), mask], 1),
-          "loss_mask": np.concatenate([zeros, mask], 1),
-          "pixel_values": pixel_values, "image_grid_thw": grid}
-
-
-class Frames:
-  """Batches of (short prompt, reading) on fresh frames of one game."""
-
-  def __init__(self, processor, config, game: str, prompt_length: int):
-    self.processor, self.size, self.game = processor, config.image_size, game
-    self.env = cards.make_env(config, game)
-    self.prompt = agent_lib.left_pad(prompt_ids(processor, config, game), prompt_length,
-                                     processor.pad_token_id)
-    self.states = jax.jit(functools.partial(random_states, self.env), static_argnums=1)
-    self.observe = jax.jit(jax.vmap(self.env.observe))
-
-  def batch(self, key, n: int, shuffle_frames: bool = False) -> dict:
-    states = self.states(key, n)
-    host = jax.device_get(states)
-    ids = np.full((n, _MAX_READING), self.processor.pad_token_id, np.int32)
-    mask = np.zeros((n, _MAX_READING), np.int32)
-    value = np.zeros((n, _MAX_READING), np.int32)
-    tokenizer = self.processor.tokenizer
-    for row in range(n):
-      text = reading(self.game, self.env.describe(jax.tree.map(lambda x: x[row], host)))
-      tokens = tokenizer(text)["input_ids"][:_MAX_READING]
-      ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
-      value[row, :len(tokens)] = [bool(_VALUE.search(tokenizer.decode([t]))) for t in tokens]
-    frames = self.observe(states)
-    if shuffle_frames:
-      frames = frames[np.roll(np.arange(n), 1)]
-    batch = lm_batch(self.prompt, ids, mask, frames, self.size)
-    batch["value_mask"] = np.concatenate([np.zeros((n, len(self.prompt[0])), np.int32), value], 1)
-    return batch
-
-
 def train_reading(config, processor, names: list[str], params=None) -> list[dict]:
   """The backbone (from `params`, else fresh) trained on readings; the evaluation rows."""
   model_cfg = backbone_lib.model_config(config, processor)
   model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
-  length = max(len(prompt_ids(processor, config, g)) for g in names)
-  data = {g: Frames(processor, config, g, length) for g in names}
+  length = max(len(reading_lib.prompt_ids(processor, config.image_size, g)) for g in names)
+  data = {g: reading_lib.GameFrames(processor, cards.make_env(config, g), g, config.image_size,
+                                    length) for g in names}
   optimizer = state_lib.optimizer_config()
   optimizer.update(dict(learning_rate=_LR.value, warmup_steps=30, final_fraction=0.05,
                         weight_decay=0.01))
@@ -166,18 +85,14 @@ def train_reading(config, processor, names: list[str], params=None) -> list[dict
   step = jax.jit(functools.partial(backbone_lib.train_step, model=model))
   sums = jax.jit(functools.partial(backbone_lib.next_token_sums, model))
 
-  def value_accuracy(params, batch) -> float:
-    s = sums(params, dict(batch, loss_mask=batch["value_mask"]))
-    return float(s["correct"] / s["count"])
-
   rows, start = [], time.time()
   for i in range(_STEPS.value + 1):
     if i % _EVAL_EVERY.value == 0 or i == _STEPS.value:
       for g in names:
         key = jax.random.key(10_000 + envs_lib.GAMES.index(g))  # the same frames each time
         rows.append({"step": i, "game": g,
-                     "value_accuracy": value_accuracy(state.params, data[g].batch(key, 64)),
-                     "shuffled_frames": value_accuracy(state.params,
+                     "value_accuracy": reading_lib.value_accuracy(sums, state.params, data[g].batch(key, 64)),
+                     "shuffled_frames": reading_lib.value_accuracy(sums, state.params,
                                                        data[g].batch(key, 64, True))})
         print(json.dumps(rows[-1]), f"{time.time() - start:.0f}s", flush=True)
     if i < _STEPS.value:
@@ -232,25 +147,6 @@ _COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 2
 _render_numberline = jax.jit(jax.vmap(render_lib.render_numberline))
 
 
-def digit_frame(digit: int, size: int = render_lib.NUMBER_TEXT,
-                rng: np.random.Generator | None = None) -> np.ndarray:
-  """A white 300x300 frame with one digit in NumberLine's glyph at font `size`: centred, or
-  anywhere it fits if `rng` is given."""
-  frame = np.full((300, 300, 3), 255, np.uint8)
-  ink = glyphs.ink_mask(str(digit), size, True)
-  h, w = ink.shape
-  top, left = ((300 - h) // 2, (300 - w) // 2) if rng is None else (
-      rng.integers(0, 300 - h + 1), rng.integers(0, 300 - w + 1))
-  region = frame[top:top + h, left:left + w].astype(np.float32)
-  frame[top:top + h, left:left + w] = np.round(region * (1 - ink[..., None])).astype(np.uint8)
-  return frame
-
-
-def shrink_scale(i: int, steps: int, start: float = 4.0) -> float:
-  """The "shrink" control's glyph scale at step i: `start` down to 1 over 2/3 of `steps`."""
-  return max(1.0, start - (start - 1.0) * i / max(1.0, 2 * steps / 3))
-
-
 def feature_spread(config, processor) -> dict:
   """How much the freshly initialised vision tower's output tells 6 frames apart.
 
@@ -263,8 +159,9 @@ def feature_spread(config, processor) -> dict:
   model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
   params = nn.meta.unbox(qwen2_5_vl.init_params(model_cfg, jax.random.key(0)))
   colours = np.broadcast_to(_COLOURS[:, None, None], (6, 300, 300, 3))
-  sets = {"digit": np.stack([digit_frame(d) for d in range(1, 7)]),
-          "bigdigit": np.stack([digit_frame(d, 4 * render_lib.NUMBER_TEXT) for d in range(1, 7)]),
+  big = 4 * render_lib.NUMBER_TEXT
+  sets = {"digit": np.stack([reading_lib.glyph_frame(d) for d in range(1, 7)]),
+          "bigdigit": np.stack([reading_lib.glyph_frame(d, big) for d in range(1, 7)]),
           "colour": np.ascontiguousarray(colours)}
   spread = {}
   for name, frames in sets.items():
@@ -292,7 +189,7 @@ def train_control(config, processor, kind: str, params=None) -> tuple[list[dict]
   """
   model_cfg = backbone_lib.model_config(config, processor)
   model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
-  ids = prompt_ids(processor, config, "numberline")
+  ids = reading_lib.prompt_ids(processor, config.image_size, "numberline")
   prompt = (ids, np.ones(len(ids), np.int32))
   answers = [processor.tokenizer(str(c + 1))["input_ids"] for c in range(6)]
   optimizer = state_lib.optimizer_config()
@@ -314,12 +211,12 @@ def train_control(config, processor, kind: str, params=None) -> tuple[list[dict]
         frames[row, 50 * c:50 * c + 50] = 0
     elif kind in ("digit", "bigdigit"):
       size = render_lib.NUMBER_TEXT * (4 if kind == "bigdigit" else 1)
-      frames = np.stack([digit_frame(c + 1, size) for c in classes])
+      frames = np.stack([reading_lib.glyph_frame(c + 1, size) for c in classes])
     elif kind in ("shrink", "shrink_anywhere"):
-      scale = shrink_scale(i, _CONTROLS.value)
+      scale = reading_lib.shrink_scale(i, _CONTROLS.value)
       size = round(render_lib.NUMBER_TEXT * scale)
       where = rng if kind == "shrink_anywhere" else None
-      frames = np.stack([digit_frame(c + 1, size, where) for c in classes])
+      frames = np.stack([reading_lib.glyph_frame(c + 1, size, where) for c in classes])
     else:  # "target": NumberLine's frame, with a random current number below
       others = np.random.default_rng(10_000 + i).integers(1, 7, n)
       frames = np.asarray(_render_numberline(jnp.asarray(classes + 1), jnp.asarray(others)))
@@ -327,7 +224,7 @@ def train_control(config, processor, kind: str, params=None) -> tuple[list[dict]
     mask = np.zeros((n, width), np.int32)
     for row, c in enumerate(classes):
       ids[row, :len(answers[c])], mask[row, :len(answers[c])] = answers[c], 1
-    batch = lm_batch(prompt, ids, mask, jnp.asarray(frames), config.image_size)
+    batch = reading_lib.lm_batch(prompt, ids, mask, jnp.asarray(frames), config.image_size)
     state, metrics = step(state, batch, jax.random.key(0))
     if i % 25 == 0 or i == _CONTROLS.value:
       rows.append({"step": i, "control": kind, "accuracy": float(metrics["accuracy"]),

@@ -28,10 +28,14 @@ def test_every_stage_writes_its_outputs(smoke_run):
   expert = json.load(open(os.path.join(workdir, "expert", "blackjack.json")))
   assert expert["transitions"] == len(expert["responses"]) == 16
   assert all('"action": "' in text for text in expert["responses"])
-  for path in ("tokenizer/tokenizer.json", "sft/metrics.jsonl", "latent_bc/metrics.jsonl",
+  for path in ("tokenizer/tokenizer.json", "reading/metrics.jsonl", "reading/result.json",
+               "sft/metrics.jsonl", "latent_bc/metrics.jsonl",
                "blackjack/eval_sft.json", "blackjack/ppo_token/metrics.jsonl",
                "blackjack/ppo_latent/metrics.jsonl", "cards_results.md"):
     assert os.path.isfile(os.path.join(workdir, path)), path
+  # smoke_config runs the (opt-in) reading stage: 2 glyph + 2 reading steps.
+  assert 0.0 <= metrics["reading/blackjack/value_accuracy"] <= 1.0
+  assert "reading/blackjack/value_accuracy/shuffled" in metrics
   for space in ("token", "latent"):
     result = json.load(open(os.path.join(workdir, "blackjack", f"ppo_{space}", "result.json")))
     # 2 updates x 2 steps x 4 environments; a Blackjack episode lasts 1-3 steps.

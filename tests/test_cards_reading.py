@@ -1,14 +1,15 @@
-"""The reading experiment's frames and curriculum (experiments/cards_reading.py)."""
+"""The reading curriculum's frames and schedule (latent_mca.cards.reading, shared by the
+cards job's reading stage and experiments/cards_reading.py)."""
 
 import numpy as np
 import pytest
 
-from experiments import cards_reading
+from latent_mca.cards import reading as cards_reading
 from latent_mca.cards import render
 
 
 def test_a_centred_digit_is_drawn_in_the_frame_centre_and_each_digit_differs():
-  frames = [cards_reading.digit_frame(d) for d in range(1, 7)]
+  frames = [cards_reading.glyph_frame(d) for d in range(1, 7)]
   for frame in frames:
     assert frame.shape == (300, 300, 3) and frame.dtype == np.uint8
     rows, cols = np.nonzero(frame.min(-1) < 128)
@@ -22,8 +23,8 @@ def test_a_centred_digit_is_drawn_in_the_frame_centre_and_each_digit_differs():
 
 
 def test_a_larger_glyph_covers_more_of_the_frame():
-  small = (cards_reading.digit_frame(8) < 128).sum()
-  large = (cards_reading.digit_frame(8, 4 * render.NUMBER_TEXT) < 128).sum()
+  small = (cards_reading.glyph_frame(8) < 128).sum()
+  large = (cards_reading.glyph_frame(8, 4 * render.NUMBER_TEXT) < 128).sum()
   assert large > 8 * small
 
 
@@ -31,10 +32,10 @@ def test_a_digit_anywhere_stays_inside_the_frame_and_moves():
   rng = np.random.default_rng(0)
   tops = set()
   for _ in range(20):
-    frame = cards_reading.digit_frame(3, 2 * render.NUMBER_TEXT, rng)
+    frame = cards_reading.glyph_frame(3, 2 * render.NUMBER_TEXT, rng)
     rows, _ = np.nonzero(frame.min(-1) < 128)
     tops.add(int(rows.min()))
-    ink = (cards_reading.digit_frame(3, 2 * render.NUMBER_TEXT) < 128).sum()
+    ink = (cards_reading.glyph_frame(3, 2 * render.NUMBER_TEXT) < 128).sum()
     assert (frame < 128).sum() == ink  # the whole glyph is drawn, none cut off
   assert len(tops) > 5
 
@@ -43,3 +44,19 @@ def test_a_digit_anywhere_stays_inside_the_frame_and_moves():
                                                 (200, 300, 1.0), (299, 300, 1.0)])
 def test_the_shrink_curriculum_reaches_numberline_size_at_two_thirds(i, steps, expected):
   assert cards_reading.shrink_scale(i, steps) == pytest.approx(expected)
+
+
+def test_every_symbol_a_reading_holds_fits_at_four_times_and_each_differs():
+  frames = {s: cards_reading.glyph_frame(s, 4 * render.NUMBER_TEXT)
+            for s in cards_reading.SYMBOLS}
+  assert set(cards_reading.SYMBOLS) >= {"10", "A", "J", "Q", "K"} | set("0123456789")
+  inks = {s: (f.min(-1) < 128).sum() for s, f in frames.items()}
+  assert min(inks.values()) > 0
+  assert len({f.tobytes() for f in frames.values()}) == len(frames)
+  with pytest.raises(ValueError, match="does not fit"):
+    cards_reading.glyph_frame("10", 8 * render.NUMBER_TEXT)
+
+
+def test_the_shrink_curriculum_starts_at_the_given_scale():
+  assert cards_reading.shrink_scale(0, 30, 3.0) == pytest.approx(3.0)
+  assert cards_reading.shrink_scale(20, 30, 3.0) == pytest.approx(1.0)

@@ -1,9 +1,10 @@
 """The card-games job: chain-of-thought PPO on NumberLine, EZPoints, Points24 and Blackjack.
 
 `config.stages` lists the stages of `latent_mca.stages.cards` to run, in order (all of
-them by default: expert data, tokenizer, SFT warm start, its evaluation, the latent
-action model, PPO in token and latent space, the report). Every stage writes under the
-workdir and reuses what a previous run finished.
+them by default: expert data, tokenizer, reading pretraining (0 steps by default: a
+no-op), SFT warm start, its evaluation, the latent action model, PPO in token and latent
+space, the report). Every stage writes under the workdir and reuses what a previous run
+finished.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def default_config() -> ml_collections.ConfigDict:
                             weight_decay=0.01))
   c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=16, optimizer=sft_optimizer,
                                          checkpoint_every=200, log_every=25))
+  # Reading pretraining (`stages.cards.reading`), opt-in: glyph_steps of one centred symbol
+  # whose glyph shrinks from glyph_scale times NumberLine's size to NumberLine's over 2/3 of
+  # them, then `steps` of the games' readings; eval_frames held-out frames per game for the
+  # value tokens' accuracy. 0 + 0 steps (the default, as results/cards_cpu was made): off.
+  reading_optimizer = optimizer_config()
+  reading_optimizer.update(dict(learning_rate=2e-3, warmup_steps=30, final_fraction=0.05,
+                                weight_decay=0.01))
+  c.reading = ml_collections.ConfigDict(dict(
+      glyph_steps=0, steps=0, glyph_scale=4.0, batch_size=16, optimizer=reading_optimizer,
+      checkpoint_every=200, log_every=25, eval_frames=64))
   c.latent = latent.latent_defaults()
   c.latent_idm = latent.stage_defaults(200, 16, 0, 1e-3, "inverse_warmup", warmup_steps=20)
   c.latent_bc = latent.stage_defaults(200, 16, 0, 1e-3, "policy_bc", warmup_steps=20)
@@ -75,6 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: "
                       f"{', '.join(cards.STAGES)}")
   cards.games(config)  # a bad games list fails before any work
+  cards.check_reading_config(config)
   metrics = {}
   for stage in stages:
     logging.info("cards stage %s", stage)
@@ -92,6 +104,9 @@ def smoke_config() -> ml_collections.ConfigDict:
   for stage in (c.sft, c.latent_idm, c.latent_bc):
     stage.update(dict(num_steps=4, batch_size=4, checkpoint_every=2, log_every=2))
     stage.optimizer.warmup_steps = 0
+  c.reading.update(dict(glyph_steps=2, steps=2, batch_size=4, checkpoint_every=2, log_every=2,
+                        eval_frames=4))
+  c.reading.optimizer.warmup_steps = 0
   c.eval.update(dict(episodes=4, blackjack_episodes=4, num_envs=4))
   c.ppo.update(dict(num_envs=4, num_steps=2, minibatch_size=4, num_updates=2, epochs=2,
                     lr_decay_updates=2))

@@ -6,9 +6,20 @@
               rendered again from the states when batched: rendering is cheap, storing
               300x300 frames is not.
   tokenizer   a byte-level BPE trained on the prompts and the expert responses.
-  sft         the supervised warm start: a tiny Qwen2.5-VL trained from scratch (or
-              `backbone.checkpoint`) on every listed game's expert responses, one game per
-              batch in turn; loss on the response tokens.
+  reading     reading pretraining (`latent_mca.cards.reading`; opt-in: 0 steps by
+              default, a no-op that writes nothing): a tiny Qwen2.5-VL from scratch
+              learns to name one symbol alone in a frame, its glyph shrinking from
+              `reading.glyph_scale` times NumberLine's size to NumberLine's over 2/3 of
+              `reading.glyph_steps`, then to restate every listed game's fresh frames
+              (the expert response's opening), one game per batch in turn
+              (`reading.steps`). Then, per game, the value tokens' accuracy on 64
+              held-out frames, true and shuffled across the rows (equal: the frames are
+              not read). Without it the warm start never learns to read its frames
+              (results/cards_reading/).
+  sft         the supervised warm start: a tiny Qwen2.5-VL trained from the reading
+              stage's params where workdir/reading holds them, else from scratch (or
+              `backbone.checkpoint`, which wins) on every listed game's expert
+              responses, one game per batch in turn; loss on the response tokens.
   eval_sft    the warm start alone, acting in token space: success rate over the last
               `eval.episodes` episodes (`eval.blackjack_episodes` for Blackjack, as the
               reference counts).
@@ -58,6 +69,7 @@ from latent_mca.cards import experts
 from latent_mca.cards import parser
 from latent_mca.cards import pixels as pixels_lib
 from latent_mca.cards import prompts as prompts_lib
+from latent_mca.cards import reading as reading_lib
 from latent_mca.config_schema import ConfigError
 from latent_mca.data.processor import Processor
 from latent_mca.data.image_processing import ImageProcessorConfig
@@ -73,7 +85,7 @@ from latent_mca.stages import data as data_lib
 from latent_mca.stages import latent as latent_lib
 from latent_mca.training import checkpoint, loop, metrics as metrics_lib, state as state_lib
 
-SFT, LATENT_IDM, LATENT_BC = "sft", "latent_idm", "latent_bc"
+READING, SFT, LATENT_IDM, LATENT_BC = "reading", "sft", "latent_idm", "latent_bc"
 # RL4VLM's success rates (%, LLaVA-1.6-7B; SPEC section 4).
 REFERENCE = {
     "RL4VLM": dict(numberline=89.4, ezpoints=50.0, points24=2.3, blackjack=40.2),
@@ -277,15 +289,138 @@ def _setup(config, workdir: str):
   return names, processor, layout, model_cfg
 
 
-def sft(config, workdir: str) -> dict:
-  """The supervised warm start on every listed game's expert responses."""
-  names, processor, layout, model_cfg = _setup(config, workdir)
-  c = config.sft
-  data = [ExpertData(config, workdir, g) for g in names]
+# ----------------------------------------------------------------------------- reading
+
+
+def check_reading_config(config) -> None:
+  """ConfigError naming the field of `config.reading` that is out of range."""
+  r = config.reading
+  for name in ("glyph_steps", "steps"):
+    if r[name] < 0:
+      raise ConfigError(f"config.reading.{name} must be >= 0, got {r[name]}")
+  for name in ("batch_size", "checkpoint_every", "log_every", "eval_frames"):
+    if r[name] <= 0:
+      raise ConfigError(f"config.reading.{name} must be positive, got {r[name]}")
+  if r.glyph_scale < 1:
+    raise ConfigError(f"config.reading.glyph_scale must be >= 1 (a multiple of NumberLine's "
+                      f"glyph size), got {r.glyph_scale}")
+  total = r.glyph_steps + r.steps
+  if total and r.optimizer.schedule == "cosine" and total <= r.optimizer.warmup_steps:
+    raise ConfigError(f"config.reading.optimizer.warmup_steps={r.optimizer.warmup_steps} "
+                      f"must be below config.reading.glyph_steps + config.reading.steps = "
+                      f"{total}")
+
+
+class _ReadingLoader:
+  """The reading stage's batches by step: the glyph curriculum's `glyph_steps`, then one
+  game's readings per step in turn. Drawn with keys of (seed, step): resumable."""
+
+  def __init__(self, config, processor, names: Sequence[str]):
+    r = config.reading
+    self.processor, self.size, self.seed = processor, config.image_size, config.seed
+    self.glyph_steps, self.scale, self.batch_size = r.glyph_steps, r.glyph_scale, r.batch_size
+    length = reading_lib.prompt_length(processor, config.image_size, names)
+    self.glyph_prompt = reading_lib.padded_prompt(processor, config.image_size, None, length)
+    self.frames = [reading_lib.GameFrames(processor, make_env(config, g), g, config.image_size,
+                                          length) for g in names]
+    self.step = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    i, self.step = self.step, self.step + 1
+    if i < self.glyph_steps:
+      batch = reading_lib.glyph_batch(
+          self.processor, self.glyph_prompt, np.random.default_rng([self.seed, i]),
+          self.batch_size, reading_lib.shrink_scale(i, self.glyph_steps, self.scale), self.size)
+    else:
+      frames = self.frames[(i - self.glyph_steps) % len(self.frames)]
+      batch = frames.batch(jax.random.fold_in(jax.random.key(self.seed), i), self.batch_size)
+    batch.pop("value_mask")
+    return batch
+
+  def state(self) -> dict:
+    return {"step": self.step}
+
+  def restore(self, state: dict) -> None:
+    self.step = int(state["step"])
+
+
+def reading_steps(config) -> int:
+  return config.reading.glyph_steps + config.reading.steps
+
+
+def reading(config, workdir: str) -> dict:
+  """Reading pretraining (the glyph curriculum, then the games' readings) and, per game,
+  the value tokens' accuracy on held-out frames. 0 steps in all: nothing (opt-in)."""
+  check_reading_config(config)
+  names, total, r = games(config), reading_steps(config), config.reading
+  if not total:
+    return {}
+  stage_dir = os.path.join(workdir, READING)
+  result_path = os.path.join(stage_dir, "result.json")
+  if os.path.isfile(result_path):
+    result = _json(result_path)
+    if result["num_steps"] == total and result["games"] == names:
+      return result["metrics"]
+  processor = load_processor(config, workdir)
+  model_cfg = backbone_lib.model_config(config, processor)
   if config.backbone.checkpoint:
     params = qwen2_5_vl.load_params(config.backbone.checkpoint, model_cfg)
   else:
     params = qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
+  model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
+  tx = state_lib.make_optimizer(r.optimizer, total)
+  state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
+  loader = _ReadingLoader(config, processor, names)
+  state, history = loop.train(READING, workdir, state,
+                              functools.partial(backbone_lib.train_step, model=model),
+                              loader, total, checkpoint_every=r.checkpoint_every,
+                              log_every=r.log_every)
+  metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
+                           os.path.join(stage_dir, "curves.png"), ["loss", "accuracy"])
+  out = {f"reading/{k}": v for k, v in loop.final_metrics(history).items()}
+  sums = jax.jit(functools.partial(backbone_lib.next_token_sums, model))
+  for frames in loader.frames:
+    # The same held-out frames in every run (training draws with keys of (seed, step)).
+    key = jax.random.key(10_000 + envs_lib.GAMES.index(frames.game))
+    for suffix, shuffle in (("value_accuracy", False), ("value_accuracy/shuffled", True)):
+      out[f"reading/{frames.game}/{suffix}"] = reading_lib.value_accuracy(
+          sums, state.params, frames.batch(key, r.eval_frames, shuffle))
+  backbone_lib.write_json(result_path, {"num_steps": total, "games": names, "metrics": out})
+  return out
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def sft_start_params(config, workdir: str, model_cfg):
+  """The params SFT starts from: `backbone.checkpoint`'s if set; else the reading stage's
+  final ones where workdir/reading holds a checkpoint (and where the config asks for
+  reading steps, it must); else fresh.
+
+  Raises:
+    CheckpointNotFoundError: config.reading asks for steps but the reading stage did not
+      run (or did not finish).
+  """
+  if config.backbone.checkpoint:
+    return qwen2_5_vl.load_params(config.backbone.checkpoint, model_cfg)
+  stage_dir = os.path.join(workdir, READING)
+  if reading_steps(config) or os.path.isdir(stage_dir):
+    abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
+    logging.info("sft starts from the reading stage's params (%s)", stage_dir)
+    return checkpoint.load_params(stage_dir, abstract)
+  return qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
+
+
+def sft(config, workdir: str) -> dict:
+  """The supervised warm start on every listed game's expert responses (from
+  `sft_start_params`)."""
+  names, processor, layout, model_cfg = _setup(config, workdir)
+  c = config.sft
+  data = [ExpertData(config, workdir, g) for g in names]
+  params = sft_start_params(config, workdir, model_cfg)
   model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
   tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
   state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
@@ -694,6 +829,7 @@ def report(config, workdir: str) -> dict:
   return {f"report/{k}": v for k, v in out.items()}
 
 
-STAGES = {"expert": expert, "tokenizer": tokenizer, "sft": sft, "eval_sft": eval_sft,
-          "latent": latent, "ppo_token": ppo_token, "ppo_latent": ppo_latent, "report": report}
+STAGES = {"expert": expert, "tokenizer": tokenizer, "reading": reading, "sft": sft,
+          "eval_sft": eval_sft, "latent": latent, "ppo_token": ppo_token,
+          "ppo_latent": ppo_latent, "report": report}
 ALL_STAGES = ",".join(STAGES)

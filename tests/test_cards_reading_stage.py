@@ -1,0 +1,166 @@
+"""The cards job's reading stage (latent_mca.stages.cards.reading) at smoke sizes, and how
+sft starts from it."""
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import cards as cards_configs
+from latent_mca.config_schema import ConfigError
+from latent_mca.jobs import cards as cards_job
+from latent_mca.models import qwen2_5_vl
+from latent_mca.stages import backbone as backbone_lib
+from latent_mca.stages import cards
+from latent_mca.training import checkpoint
+from latent_mca.training.checkpoint import CheckpointNotFoundError
+
+GAMES = "numberline,blackjack"
+
+
+def _config():
+  config = cards_configs.get_config("smoke")
+  config.games = GAMES
+  return config
+
+
+@pytest.fixture(scope="module")
+def read(tmp_path_factory):
+  """(config, workdir, metrics): expert, tokenizer and reading (2 glyph + 2 reading steps)."""
+  workdir = str(tmp_path_factory.mktemp("cards_reading"))
+  config = _config()
+  cards.expert(config, workdir)
+  cards.tokenizer(config, workdir)
+  return config, workdir, cards.reading(config, workdir)
+
+
+def _model_cfg(config, workdir):
+  return backbone_lib.model_config(config, cards.load_processor(config, workdir))
+
+
+def _equal(a, b) -> bool:
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_the_stage_sits_between_tokenizer_and_sft():
+  order = list(cards.STAGES)
+  assert order.index("tokenizer") < order.index("reading") == order.index("sft") - 1
+
+
+def test_the_stage_writes_its_checkpoint_metrics_and_accuracies(read):
+  config, workdir, metrics = read
+  stage = os.path.join(workdir, "reading")
+  steps = [json.loads(line)["step"] for line in open(os.path.join(stage, "metrics.jsonl"))]
+  assert steps == [2, 4]  # log_every 2 over 2 glyph + 2 reading steps
+  with checkpoint.Checkpointer(stage) as ckpt:
+    assert ckpt.latest_step() == 4
+  for game in GAMES.split(","):
+    for key in (f"reading/{game}/value_accuracy", f"reading/{game}/value_accuracy/shuffled"):
+      assert 0.0 <= metrics[key] <= 1.0, key
+  assert metrics["reading/step"] == 4 and np.isfinite(metrics["reading/loss"])
+  result = json.load(open(os.path.join(stage, "result.json")))
+  assert result["metrics"] == metrics and result["num_steps"] == 4
+
+
+def test_the_batches_share_one_shape_and_replay_by_step(read):
+  config, workdir, _ = read
+  processor = cards.load_processor(config, workdir)
+  names = cards.games(config)
+  loader = cards._ReadingLoader(config, processor, names)
+  batches = [next(loader) for _ in range(4)]  # 2 glyph steps, then numberline, blackjack
+  shapes = {k: v.shape for k, v in batches[0].items()}
+  assert all({k: v.shape for k, v in b.items()} == shapes for b in batches)
+  assert "value_mask" not in batches[0]
+  decode = processor.tokenizer.decode
+  glyph = decode(batches[0]["input_ids"][0][batches[0]["loss_mask"][0] == 1])
+  assert glyph.strip() in cards.reading_lib.SYMBOLS
+  assert "Dealer has" in decode(batches[3]["input_ids"][0][batches[3]["loss_mask"][0] == 1])
+  again = cards._ReadingLoader(config, processor, names)
+  again.restore({"step": 3})
+  assert _equal(next(again), batches[3])
+
+
+def test_sft_starts_from_the_readings_final_params(read, monkeypatch):
+  config, workdir, _ = read
+  model_cfg = _model_cfg(config, workdir)
+  start = cards.sft_start_params(config, workdir, model_cfg)
+  abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
+  final = checkpoint.load_params(os.path.join(workdir, "reading"), abstract)
+  fresh = nn.meta.unbox(qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed)))
+  assert _equal(start, final) and not _equal(start, fresh)
+
+  class Started(Exception):
+    pass
+
+  def train(stage, workdir, state, *args, **kwargs):  # sft's first state, then stop
+    raise Started(stage, state.params)
+
+  monkeypatch.setattr(cards.loop, "train", train)
+  with pytest.raises(Started) as started:
+    cards.sft(config, workdir)
+  assert started.value.args[0] == "sft" and _equal(nn.meta.unbox(started.value.args[1]), final)
+
+
+def test_a_second_run_reuses_the_finished_stage(read, monkeypatch):
+  config, workdir, metrics = read
+  log = os.path.join(workdir, "reading", "metrics.jsonl")
+  before = open(log).read()
+  monkeypatch.setattr(cards.loop, "train", lambda *a, **k: pytest.fail("trained again"))
+  assert cards.reading(config, workdir) == metrics
+  assert cards_job.run(_with(config, stages="reading"), workdir) == metrics
+  assert open(log).read() == before
+
+
+def _with(config, **fields):
+  config = config.copy_and_resolve_references()
+  config.update(fields)
+  return config
+
+
+def test_zero_steps_are_a_noop_and_sft_then_starts_fresh(read, tmp_path):
+  config, workdir, _ = read
+  off = _with(config)
+  off.reading.update(dict(glyph_steps=0, steps=0))
+  empty = str(tmp_path / "empty")
+  os.makedirs(empty)
+  assert cards.reading(off, empty) == {}  # no tokenizer needed, nothing written
+  assert os.listdir(empty) == []
+  own = str(tmp_path / "own")
+  shutil.copytree(cards.tokenizer_dir(workdir), cards.tokenizer_dir(own))
+  assert cards.reading(off, own) == {}
+  assert os.listdir(own) == ["tokenizer"]
+  model_cfg = _model_cfg(config, workdir)
+  fresh = nn.meta.unbox(qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed)))
+  assert _equal(nn.meta.unbox(cards.sft_start_params(off, own, model_cfg)), fresh)
+  # Reading asked for but not run: sft names the stage instead of starting from scratch.
+  with pytest.raises(CheckpointNotFoundError, match="reading"):
+    cards.sft_start_params(config, own, model_cfg)
+
+
+def test_a_missing_tokenizer_names_the_stage_to_run(tmp_path):
+  with pytest.raises(CheckpointNotFoundError, match="tokenizer"):
+    cards.reading(_config(), str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value", [("glyph_steps", -1), ("steps", -5),
+                                          ("glyph_scale", 0.5), ("batch_size", 0)])
+def test_bad_reading_values_are_config_errors_naming_the_field(tmp_path, field, value):
+  config = _config()
+  config.reading[field] = value
+  with pytest.raises(ConfigError, match=f"config.reading.{field}"):
+    cards_job.run(config, str(tmp_path))
+  with pytest.raises(ConfigError, match=f"config.reading.{field}"):
+    cards.reading(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_warmup_longer_than_the_stage_is_a_config_error(tmp_path):
+  config = _config()
+  config.reading.optimizer.warmup_steps = 10
+  with pytest.raises(ConfigError, match="warmup_steps"):
+    cards.reading(config, str(tmp_path))
