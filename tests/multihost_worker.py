@@ -173,7 +173,7 @@ def run(workdir: str) -> None:
   rules = sharding_lib.DEFAULT_RULES
   replicated = NamedSharding(mesh, P())
   batch_sharding = nn.logical_to_mesh_sharding(P("batch", "length"), mesh, rules)
-  param_shardings = sharding_lib.param_shardings(qwen2_5_vl.abstract_params(MODEL), mesh, rules)
+  param_shardings = sharding_lib.boxed_shardings(qwen2_5_vl.abstract_params(MODEL), mesh, rules)
   tx = make_tx()
   shardings = state_shardings(abstract_state(tx), param_shardings, replicated)
 

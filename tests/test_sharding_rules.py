@@ -22,7 +22,7 @@ def test_every_weight_has_known_logical_axes_of_its_rank():
 
 def test_rules_give_mesh_shardings():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-  shardings = sharding.param_shardings(
+  shardings = sharding.boxed_shardings(
       qwen2_5_vl.abstract_params(qwen2_5_vl.Qwen2_5_VLConfig.tiny()), mesh)
   q_proj = shardings["decoder"]["layers"]["q_proj"]["kernel"]
   assert q_proj.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")

@@ -73,7 +73,3 @@ def boxed_shardings(boxed, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES
       lambda spec, x: jax.sharding.NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
       specs, nn.meta.unbox(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
-
-def param_shardings(abstract_params, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
-  """NamedShardings for a boxed (nn.Partitioned) param tree, e.g. from `abstract_params`."""
-  return boxed_shardings(abstract_params, mesh, rules)
