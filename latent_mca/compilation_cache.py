@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -32,8 +33,10 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
 OPTIONAL_FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 
 
+@functools.cache
 def _jaxlib_knows(flag: str) -> bool:
-  """Whether a shared library of the installed jaxlib contains the flag's name."""
+  """Whether a shared library of the installed jaxlib contains the flag's name (scanned
+  once per process: `fast_compile` runs at every pipeline run)."""
   import mmap
   import jaxlib
   name = flag.lstrip("-").split("=")[0].encode()
