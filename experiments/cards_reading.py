@@ -191,7 +191,7 @@ def train_control(config, processor, kind: str, params=None) -> tuple[list[dict]
   model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
   ids = reading_lib.prompt_ids(processor, config.image_size, "numberline")
   prompt = (ids, np.ones(len(ids), np.int32))
-  answers = [processor.tokenizer(str(c + 1))["input_ids"] for c in range(6)]
+  width = max(len(processor.tokenizer(str(c + 1))["input_ids"]) for c in range(6))
   optimizer = state_lib.optimizer_config()
   optimizer.update(dict(learning_rate=_LR.value, warmup_steps=10, final_fraction=0.05,
                         weight_decay=0.01))
@@ -199,7 +199,7 @@ def train_control(config, processor, kind: str, params=None) -> tuple[list[dict]
       params if params is not None else qwen2_5_vl.init_params(model_cfg, jax.random.key(0)),
       state_lib.make_optimizer(optimizer, _CONTROLS.value), jax.random.key(0))
   step = jax.jit(functools.partial(backbone_lib.train_step, model=model))
-  n, width, rows = _BATCH.value, max(len(a) for a in answers), []
+  n, rows = _BATCH.value, []
   for i in range(1, _CONTROLS.value + 1):
     rng = np.random.default_rng(i)
     classes, scale = rng.integers(0, 6, n), 1.0
@@ -220,11 +220,9 @@ def train_control(config, processor, kind: str, params=None) -> tuple[list[dict]
     else:  # "target": NumberLine's frame, with a random current number below
       others = np.random.default_rng(10_000 + i).integers(1, 7, n)
       frames = np.asarray(_render_numberline(jnp.asarray(classes + 1), jnp.asarray(others)))
-    ids = np.full((n, width), processor.pad_token_id, np.int32)
-    mask = np.zeros((n, width), np.int32)
-    for row, c in enumerate(classes):
-      ids[row, :len(answers[c])], mask[row, :len(answers[c])] = answers[c], 1
-    batch = reading_lib.lm_batch(prompt, ids, mask, jnp.asarray(frames), config.image_size)
+    batch = reading_lib.target_batch(processor, prompt, [str(c + 1) for c in classes],
+                                     jnp.asarray(frames), config.image_size, width)
+    batch.pop("value_mask")
     state, metrics = step(state, batch, jax.random.key(0))
     if i % 25 == 0 or i == _CONTROLS.value:
       rows.append({"step": i, "control": kind, "accuracy": float(metrics["accuracy"]),

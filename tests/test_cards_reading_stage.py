@@ -85,6 +85,25 @@ def test_the_batches_share_one_shape_and_replay_by_step(read):
   assert _equal(next(again), batches[3])
 
 
+def test_target_batch_pads_and_cuts_its_targets_to_the_width(read):
+  config, workdir, _ = read
+  processor = cards.load_processor(config, workdir)
+  ids = cards.reading_lib.prompt_ids(processor, config.image_size, None)
+  prompt = (ids, np.ones(len(ids), np.int32))
+  frames = np.stack([cards.reading_lib.glyph_frame(s, 40) for s in ("7", "10")])
+  texts = ["7", "10 A 10 A 10 A"]
+  full = [processor.tokenizer(t)["input_ids"] for t in texts]
+  width = len(full[0]) + 1
+  assert len(full[1]) > width  # the second one is cut
+  batch = cards.reading_lib.target_batch(processor, prompt, texts, frames, config.image_size,
+                                         width)
+  targets, mask = batch["input_ids"][:, -width:], batch["loss_mask"][:, -width:]
+  assert targets.shape == (2, width)
+  assert list(targets[0][mask[0] == 1]) == full[0]
+  assert targets[0, -1] == processor.pad_token_id and mask[0, -1] == 0
+  assert list(targets[1]) == full[1][:width] and mask[1].all()
+
+
 def test_sft_starts_from_the_readings_final_params(read, monkeypatch):
   config, workdir, _ = read
   model_cfg = _model_cfg(config, workdir)

@@ -138,15 +138,16 @@ def value_tokens(tokenizer, ids) -> np.ndarray:
   return np.asarray([int(t) in values for t in ids], np.int32)
 
 
-def target_batch(processor, prompt, texts: list[str], frames, size: int) -> dict:
-  """`lm_batch` of the texts as targets (MAX_READING tokens, cut there) and their
+def target_batch(processor, prompt, texts: list[str], frames, size: int,
+                 width: int = MAX_READING) -> dict:
+  """`lm_batch` of the texts as targets (`width` tokens, cut there) and their
   value_mask."""
   n, tokenizer = len(texts), processor.tokenizer
-  ids = np.full((n, MAX_READING), processor.pad_token_id, np.int32)
-  mask = np.zeros((n, MAX_READING), np.int32)
-  value = np.zeros((n, MAX_READING), np.int32)
+  ids = np.full((n, width), processor.pad_token_id, np.int32)
+  mask = np.zeros((n, width), np.int32)
+  value = np.zeros((n, width), np.int32)
   for row, text in enumerate(texts):
-    tokens = tokenizer(text)["input_ids"][:MAX_READING]
+    tokens = tokenizer(text)["input_ids"][:width]
     ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
     value[row, :len(tokens)] = value_tokens(tokenizer, tokens)
   batch = lm_batch(prompt, ids, mask, frames, size)

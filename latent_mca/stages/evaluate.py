@@ -43,7 +43,6 @@ from latent_mca.training import checkpoint
 
 SPLITS = ("test_in", "test_out")
 SFT_POLICIES = {"sft": rollout_lib.TOKEN, "latent_sft": rollout_lib.LATENT}
-ALGORITHM_NAMES = {"grpo": "GRPO", "dr_grpo": "Dr.GRPO", "dapo": "DAPO", "bnpo": "BNPO"}
 CACHE_DIR = "evaluate"
 
 
@@ -101,12 +100,12 @@ def row_label(policy: str) -> tuple[str, str]:
   if policy in SFT_POLICIES:
     return "SFT", SFT_POLICIES[policy]
   _, space, algorithm = policy.split("_", 2)
-  return ALGORITHM_NAMES.get(algorithm, algorithm), space
+  return rl_lib.ALGORITHM_NAMES.get(algorithm, algorithm), space
 
 
 def _row_order(policy: str):
   method, space = row_label(policy)
-  order = list(ALGORITHM_NAMES.values())
+  order = list(rl_lib.ALGORITHM_NAMES.values())
   rank = -1 if method == "SFT" else order.index(method) if method in order else len(order)
   return rank, policy.split("_", 2)[-1] if policy.startswith("rl_") else "", space != "token"
 
@@ -213,7 +212,7 @@ def _markdown(rows: dict, cols: list[str], settings: dict) -> str:
   cell = lambda s: f"{s['mean']:.3f} ± {s['se']:.3f}"  # noqa: E731
   for policy, row in rows.items():
     method, space = row["method"], row["space"]
-    if policy.startswith("rl_") and method not in ALGORITHM_NAMES.values():
+    if policy.startswith("rl_") and method not in rl_lib.ALGORITHM_NAMES.values():
       method = policy  # an unknown algorithm: the folder's name
     lines.append("| " + " | ".join([method, space] + [cell(row["columns"][c]) for c in cols]
                                    + [cell(row["average"])]) + " |")

@@ -33,10 +33,10 @@ from absl import logging
 from latent_mca.stages import ablations as ablations_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import evaluate as evaluate_lib
+from latent_mca.stages import rl as rl_lib
 from latent_mca.training import metrics as metrics_lib
 
 FOLDER = "report"
-SPACES = ("token", "latent")
 
 
 class MissingResultsError(FileNotFoundError):
@@ -100,7 +100,7 @@ def latent_vs_token(evals: list[dict]) -> dict:
   """algorithm -> the average's latent - token difference (per seed; one seed: with the
   s.e. of the paired per-prompt difference)."""
   out = {}
-  for algorithm in evaluate_lib.ALGORITHM_NAMES:
+  for algorithm in rl_lib.ALGORITHM_NAMES:
     pair = [f"rl_{space}_{algorithm}" for space in ("latent", "token")]
     if not all(p in e["rows"] for e in evals for p in pair):
       continue
@@ -135,9 +135,9 @@ def diversity_table(workdirs: list[str]) -> dict:
   pairwise cosine of a group's sentence embeddings, a group per prompt) at the SFT start
   and after RL (one seed: ± s.e. over prompts), plus "latent_minus_token" at the end."""
   out = {}
-  for algorithm in evaluate_lib.ALGORITHM_NAMES:
+  for algorithm in rl_lib.ALGORITHM_NAMES:
     entry = {}
-    for space in SPACES:
+    for space in rl_lib.SPACES:
       runs = [os.path.join(w, f"rl_{space}_{algorithm}") for w in workdirs]
       if not all(os.path.isfile(os.path.join(r, "eval_final.json")) for r in runs):
         break
@@ -174,7 +174,7 @@ def write_report(workdir: str, workdirs: list[str], seeds: list[int]) -> tuple[s
   table, versus, diversity = main_table(evals), latent_vs_token(evals), diversity_table(workdirs)
   folder = os.path.join(workdir, FOLDER)
   os.makedirs(folder, exist_ok=True)
-  metrics_lib.plot(plot_reward_curves, workdirs, os.path.join(folder, "reward_curves.png"))
+  metrics_lib.plot(rl_lib.plot_reward_curves, workdirs, os.path.join(folder, "reward_curves.png"))
   usage = plot_codebook_usage(evals, os.path.join(folder, "codebook_usage.png"))
   seconds = [backbone_lib.read_json(os.path.join(w, "stage_seconds.json"))
              if os.path.isfile(os.path.join(w, "stage_seconds.json")) else {} for w in workdirs]
@@ -206,7 +206,7 @@ def markdown(report: dict, settings: dict) -> str:
                  + " | ".join(_cell(row["cells"][c]) for c in cols + ["average"]) + " |")
   lines += ["", "## The paper's claims, answered", ""]
   for algorithm, stat in report["latent_vs_token"].items():
-    name = evaluate_lib.ALGORITHM_NAMES[algorithm]
+    name = rl_lib.ALGORITHM_NAMES[algorithm]
     lines.append(f"- Does latent RL beat token RL with {name}? "
                  + verdict(stat, "latent is better", "token is better"))
   for name, entry in report["ablations"].items():
@@ -216,7 +216,7 @@ def markdown(report: dict, settings: dict) -> str:
                    + verdict(entry["hurts"], "the full method is better",
                              "the ablation is better"))
   for algorithm, entry in report["diversity"].items():
-    name = evaluate_lib.ALGORITHM_NAMES[algorithm]
+    name = rl_lib.ALGORITHM_NAMES[algorithm]
     lines.append(f"- Are latent rollouts more diverse than token rollouts after {name}? "
                  + verdict(entry["latent_minus_token"], "latent is more diverse",
                            "token is more diverse"))
@@ -239,8 +239,8 @@ def markdown(report: dict, settings: dict) -> str:
               "| Algorithm | token: SFT | token: after RL | latent: SFT | latent: after RL | "
               "latent - token after RL |", "|---|---:|---:|---:|---:|---:|"]
     for algorithm, entry in report["diversity"].items():
-      lines.append(f"| {evaluate_lib.ALGORITHM_NAMES[algorithm]} | "
-                   + " | ".join(_cell(entry[s][k]) for s in SPACES for k in ("start", "end"))
+      lines.append(f"| {rl_lib.ALGORITHM_NAMES[algorithm]} | "
+                   + " | ".join(_cell(entry[s][k]) for s in rl_lib.SPACES for k in ("start", "end"))
                    + f" | {_cell(entry['latent_minus_token'])} |")
   if report["codebook"]:
     lines += ["", "## Codebook usage on the test sets (latent policies, all seeds)", "",
@@ -259,45 +259,6 @@ def markdown(report: dict, settings: dict) -> str:
       lines.append(f"| {stage} | " + " | ".join(f"{v:.0f}" for v in values) + " |")
   lines += ["", "Plots: `report/reward_curves.png`, `report/codebook_usage.png`.", ""]
   return "\n".join(lines)
-
-
-def _curves(workdirs: list[str], run: str, key: str):
-  """(steps, mean over seeds) of a metric of a run (the steps every seed logged)."""
-  per_seed = []
-  for w in workdirs:
-    path = os.path.join(w, run, "metrics.jsonl")
-    if not os.path.isfile(path):
-      return None
-    per_seed.append({r["step"]: r[key] for r in metrics_lib.read_metrics(path) if key in r})
-  steps = sorted(set.intersection(*(set(c) for c in per_seed)))
-  return (steps, [float(np.mean([c[s] for c in per_seed])) for s in steps]) if steps else None
-
-
-def plot_reward_curves(workdirs: list[str], png_path: str) -> None:
-  """Eval judge reward (markers) and the training batches' judge reward (thin) against RL
-  step, one panel per action space, one colour per algorithm, mean over seeds."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(11, 4))
-  FigureCanvasAgg(fig)
-  for i, space in enumerate(SPACES):
-    ax = fig.add_subplot(1, 2, i + 1)
-    for j, algorithm in enumerate(evaluate_lib.ALGORITHM_NAMES):
-      run, color = f"rl_{space}_{algorithm}", f"C{j}"
-      label = evaluate_lib.ALGORITHM_NAMES[algorithm]
-      evals = _curves(workdirs, run, "eval/reward")
-      if evals:
-        ax.plot(*evals, marker="o", color=color, label=f"{label} (eval)")
-      train = _curves(workdirs, run, "reward_raw_mean")  # the judge's, before DAPO's shaping
-      if train:
-        ax.plot(*train, color=color, alpha=0.35, linewidth=1, label=f"{label} (train)")
-    ax.set_title(f"{space} space: judge reward (mean of {len(workdirs)} seed(s))")
-    ax.set_xlabel("RL step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small", ncol=2)
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=110)
 
 
 def plot_codebook_usage(evals: list[dict], png_path: str) -> dict:

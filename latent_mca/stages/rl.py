@@ -75,6 +75,8 @@ from latent_mca.stages import latent as latent_lib
 from latent_mca.training import checkpoint, metrics as metrics_lib, state as state_lib
 
 TASKS = tuple(data_lib.DIALOGUE_MESSAGES)
+SPACES = (rollout_lib.TOKEN, rollout_lib.LATENT)
+ALGORITHM_NAMES = {"grpo": "GRPO", "dr_grpo": "Dr.GRPO", "dapo": "DAPO", "bnpo": "BNPO"}
 TRAINABLE = {
     rollout_lib.LATENT: (r"policy/.*",),
     rollout_lib.TOKEN: (r"backbone/(decoder|embed_tokens|lm_head)/.*",),
@@ -166,7 +168,7 @@ def _rollout_program(system, mesh: Mesh, axes: tuple[str, ...], space: str,
 
 
 def _check_spaces(spaces: Sequence[str]) -> None:
-  bad = [s for s in spaces if s not in (rollout_lib.LATENT, rollout_lib.TOKEN)]
+  bad = [s for s in spaces if s not in SPACES]
   if bad:
     raise ValueError(f"rl.action_space {', '.join(map(repr, bad))}: each must be 'latent' or "
                      "'token'")
@@ -437,7 +439,8 @@ def run_all(config, workdir: str) -> dict:
   (e.g. --config.rl.algorithm=grpo,dr_grpo,dapo,bnpo --config.rl.action_space=latent,token);
   the runs go space by space, each resuming where it stopped. Afterwards
   workdir/rl_summary.{md,json} tabulate every finished run's eval reward (start, end,
-  best) and diversity, and workdir/rl_rewards.png draws their eval reward curves.
+  best) and diversity, and workdir/rl_rewards.png draws their judge reward curves (eval
+  and training).
 
   Raises:
     ConfigError: the programmatic judge with a real benchmark's dialogues (it needs scenes).
@@ -506,28 +509,47 @@ def write_summary(workdir: str) -> str:
             "prompts (start: the SFT point; s.e. over prompts of the paired change).\n\n"
             + "\n".join(lines) + "\n")
   if runs:
-    metrics_lib.plot(_plot_rewards, runs, os.path.join(workdir, "rl_rewards.png"))
+    metrics_lib.plot(plot_reward_curves, [workdir], os.path.join(workdir, "rl_rewards.png"))
   return table
 
 
-def _plot_rewards(runs: dict, png_path: str) -> None:
-  """Eval reward against step, one panel per action space, one line per algorithm."""
+def _curves(workdirs: list[str], run: str, key: str):
+  """(steps, mean over seeds) of a metric of a run (the steps every seed logged)."""
+  per_seed = []
+  for w in workdirs:
+    path = os.path.join(w, run, "metrics.jsonl")
+    if not os.path.isfile(path):
+      return None
+    per_seed.append({r["step"]: r[key] for r in metrics_lib.read_metrics(path) if key in r})
+  steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+  return (steps, [float(np.mean([c[s] for c in per_seed])) for s in steps]) if steps else None
+
+
+def plot_reward_curves(workdirs: list[str], png_path: str) -> None:
+  """Eval judge reward (markers) and the training batches' judge reward (thin) against RL
+  step, one panel per action space, one colour per algorithm, mean over seeds."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  spaces = sorted({entry.split("_")[1] for entry in runs})
-  fig = Figure(figsize=(5.5 * len(spaces), 3.8))
+  curves = {(space, algorithm): (_curves(workdirs, f"rl_{space}_{algorithm}", "eval/reward"),
+                                  # the judge's reward before DAPO's shaping
+                                  _curves(workdirs, f"rl_{space}_{algorithm}", "reward_raw_mean"))
+            for space in SPACES for algorithm in ALGORITHM_NAMES}
+  spaces = [s for s in SPACES if any(any(curves[s, a]) for a in ALGORITHM_NAMES)]
+  fig = Figure(figsize=(5.5 * max(len(spaces), 1), 4))
   FigureCanvasAgg(fig)
   for i, space in enumerate(spaces):
     ax = fig.add_subplot(1, len(spaces), i + 1)
-    for entry, r in runs.items():
-      if entry.split("_")[1] == space:
-        steps, rewards = zip(*r["curve"])
-        ax.plot(steps, rewards, marker=".", label=entry.split("_", 2)[2])
-    ax.set_title(f"{space} space: eval judge reward")
+    for j, (algorithm, label) in enumerate(ALGORITHM_NAMES.items()):
+      evals, train = curves[space, algorithm]
+      if evals:
+        ax.plot(*evals, marker="o", color=f"C{j}", label=f"{label} (eval)")
+      if train:
+        ax.plot(*train, color=f"C{j}", alpha=0.35, linewidth=1, label=f"{label} (train)")
+    ax.set_title(f"{space} space: judge reward (mean of {len(workdirs)} seed(s))")
     ax.set_xlabel("RL step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small", ncol=2)
   fig.tight_layout()
   fig.savefig(png_path, dpi=110)
 
