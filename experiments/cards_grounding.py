@@ -83,12 +83,12 @@ def main(argv):
     for label, space, stage in (("sft", rollout_lib.TOKEN, None),
                                 ("ppo_token", rollout_lib.TOKEN, "ppo_token"),
                                 ("ppo_latent", rollout_lib.LATENT, "ppo_latent")):
+      stage_dir = os.path.join(workdir, game, stage or "")
+      if stage is not None and not os.path.isfile(os.path.join(stage_dir, "result.json")):
+        continue  # a PPO run that has not finished (or a workdir without PPO)
       actor = cards.Actor(config, workdir, game, space)
       params, extra = actor.start_variables(workdir, jax.random.key(0))
       if stage is not None:
-        stage_dir = os.path.join(workdir, game, stage)
-        if not os.path.isfile(os.path.join(stage_dir, "result.json")):
-          continue
         abstract = jax.eval_shape(lambda: (params, extra))
         loaded = checkpoint.load_final(stage_dir, {"params": abstract[0], "extra": abstract[1]})
         params, extra = loaded["params"], loaded["extra"]

@@ -183,3 +183,14 @@ def test_a_warmup_longer_than_the_stage_is_a_config_error(tmp_path):
   config.reading.optimizer.warmup_steps = 10
   with pytest.raises(ConfigError, match="warmup_steps"):
     cards.reading(config, str(tmp_path))
+
+
+def test_the_report_says_the_warm_start_read_first(read, tmp_path):
+  config, workdir, _ = read
+  cards.report(config, workdir)
+  header = open(os.path.join(workdir, "cards_results.md")).read().split("\n")[2]
+  assert "reading pretraining first (2 glyph steps, 2 reading steps)" in header
+  config = _config()
+  config.reading.glyph_steps = config.reading.steps = 0
+  cards.report(config, str(tmp_path))
+  assert "reading" not in open(os.path.join(tmp_path, "cards_results.md")).read().split("\n")[2]

@@ -795,11 +795,13 @@ def report(config, workdir: str) -> dict:
       path = os.path.join(workdir, game, rel)
       if os.path.isfile(path):
         table.setdefault(label, {})[game] = _json(path)
+  read = (f", reading pretraining first ({config.reading.glyph_steps} glyph steps, "
+          f"{config.reading.steps} reading steps)" if reading_steps(config) else "")
   lines = ["# Card games: success rate (%)", "",
-           "Ours: a tiny Qwen2.5-VL trained from scratch (config in config.json); success over "
-           "the last " f"{config.eval.episodes} episodes ({config.eval.blackjack_episodes} for "
-           "Blackjack), as the reference counts. Reference: RL4VLM with LLaVA-1.6-7B (SPEC "
-           "section 4).", "",
+           f"Ours: a tiny Qwen2.5-VL trained from scratch{read} (config in config.json); "
+           f"success over the last {config.eval.episodes} episodes "
+           f"({config.eval.blackjack_episodes} for Blackjack), as the reference counts. "
+           "Reference: RL4VLM with LLaVA-1.6-7B (SPEC section 4).", "",
            "| method | " + " | ".join(TITLES[g] for g in names) + " |",
            "|---|" + "---:|" * len(names)]
   for label, _ in ROWS:
