@@ -14,20 +14,17 @@ latent model; each game's PPO runs are its own. `smoke` is the same graph at toy
 The PPO settings are the reference's (clip 0.1, value clip 0.1, value coef 0.5, gamma 0.9,
 GAE lambda 0.95, 4 epochs, temperature 0.2, thought coefficient 0.5, gradient norm 0.01)
 except the learning rate: 1e-5 moves a 7B LoRA; the from-scratch model here trains all
-its weights at 1e-4 (see results/cards_cpu/ for what that reaches).
+its weights at 1e-4 (see results/cards_cpu_reading/ for what that reaches).
 
-Reading pretraining is opt-in (0 steps by default; results/cards_cpu/ was made without
-it, and PPO after it is not yet measured). From scratch the warm start never learns to
-read its frames (results/cards_reading/); a glyph curriculum, then the games' readings,
-before SFT:
-
-  python -m experiments.run --config configs/cards.py:GAME --workdir W \
-      --config.reading.glyph_steps=300 --config.reading.steps=600
-
-The `reading` stage (after the tokenizer, before sft) writes W/reading/ (checkpoints,
-metrics.jsonl, result.json with each game's value-token accuracy on held-out frames, true
-and shuffled), and sft then starts from its params. Use a fresh workdir, or one whose sft
-has not run: a finished sft is reused as it is.
+From scratch the warm start never learns to read its frames (results/cards_reading/), so
+the `reading` stage (after the tokenizer, before sft) runs first: a glyph curriculum
+(`reading.glyph_steps`, 300), then the games' readings (`reading.steps`, 1200). It writes
+W/reading/ (checkpoints, metrics.jsonl, result.json with each game's value-token accuracy
+on held-out frames, true and shuffled), and sft starts from its params. With it
+NumberLine's warm start wins 98% of its episodes, without it 66.5%
+(results/cards_cpu_reading/ against results/cards_cpu/). `--config.reading.glyph_steps=0
+--config.reading.steps=0` turns it off. A workdir whose sft finished reuses that sft as
+it is.
 """
 
 from latent_mca.jobs import cards

@@ -33,7 +33,7 @@ def test_every_stage_writes_its_outputs(smoke_run):
                "blackjack/eval_sft.json", "blackjack/ppo_token/metrics.jsonl",
                "blackjack/ppo_latent/metrics.jsonl", "cards_results.md"):
     assert os.path.isfile(os.path.join(workdir, path)), path
-  # smoke_config runs the (opt-in) reading stage: 2 glyph + 2 reading steps.
+  # smoke_config runs the reading stage at toy size: 2 glyph + 2 reading steps.
   assert 0.0 <= metrics["reading/blackjack/value_accuracy"] <= 1.0
   assert "reading/blackjack/value_accuracy/shuffled" in metrics
   for space in ("token", "latent"):

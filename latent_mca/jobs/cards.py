@@ -47,15 +47,16 @@ def default_config() -> ml_collections.ConfigDict:
                             weight_decay=0.01))
   c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=16, optimizer=sft_optimizer,
                                          checkpoint_every=200, log_every=25))
-  # Reading pretraining (`stages.cards.reading`), opt-in: glyph_steps of one centred symbol
-  # whose glyph shrinks from glyph_scale times NumberLine's size to NumberLine's over 2/3 of
-  # them, then `steps` of the games' readings; eval_frames held-out frames per game for the
-  # value tokens' accuracy. 0 + 0 steps (the default, as results/cards_cpu was made): off.
+  # Reading pretraining (`stages.cards.reading`): glyph_steps of one centred symbol whose
+  # glyph shrinks from glyph_scale times NumberLine's size to NumberLine's over 2/3 of them,
+  # then `steps` of the games' readings (one game per step in turn); eval_frames held-out
+  # frames per game for the value tokens' accuracy. 0 + 0 steps: off (as
+  # results/cards_cpu was made; results/cards_cpu_reading with these defaults).
   reading_optimizer = optimizer_config()
   reading_optimizer.update(dict(learning_rate=2e-3, warmup_steps=30, final_fraction=0.05,
                                 weight_decay=0.01))
   c.reading = ml_collections.ConfigDict(dict(
-      glyph_steps=0, steps=0, glyph_scale=4.0, batch_size=16, optimizer=reading_optimizer,
+      glyph_steps=300, steps=1200, glyph_scale=4.0, batch_size=16, optimizer=reading_optimizer,
       checkpoint_every=200, log_every=25, eval_frames=64))
   c.latent = latent.latent_defaults()
   c.latent_idm = latent.stage_defaults(200, 16, 0, 1e-3, "inverse_warmup", warmup_steps=20)

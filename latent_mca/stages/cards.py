@@ -6,8 +6,8 @@
               rendered again from the states when batched: rendering is cheap, storing
               300x300 frames is not.
   tokenizer   a byte-level BPE trained on the prompts and the expert responses.
-  reading     reading pretraining (`latent_mca.cards.reading`; opt-in: 0 steps by
-              default, a no-op that writes nothing): a tiny Qwen2.5-VL from scratch
+  reading     reading pretraining (`latent_mca.cards.reading`; 0 steps make it a no-op
+              that writes nothing): a tiny Qwen2.5-VL from scratch
               learns to name one symbol alone in a frame, its glyph shrinking from
               `reading.glyph_scale` times NumberLine's size to NumberLine's over 2/3 of
               `reading.glyph_steps`, then to restate every listed game's fresh frames
@@ -353,7 +353,7 @@ def reading_steps(config) -> int:
 
 def reading(config, workdir: str) -> dict:
   """Reading pretraining (the glyph curriculum, then the games' readings) and, per game,
-  the value tokens' accuracy on held-out frames. 0 steps in all: nothing (opt-in)."""
+  the value tokens' accuracy on held-out frames. 0 steps in all: nothing."""
   check_reading_config(config)
   names, total, r = games(config), reading_steps(config), config.reading
   if not total:
