@@ -8,7 +8,10 @@ run act once on `--envs` fresh deals (temperature as in training). The response'
 fields that restate the frame are compared with the true state: NumberLine's
 "current number" and "target number", the points games' "cards" (as a multiset of
 values). Alongside: how often the response restates the most frequent answer, which is
-what a policy ignoring the image writes. Writes WORKDIR/cards_grounding.{md,json}.
+what a policy ignoring the image writes. For the points games, the plan too: whether the
+"Solution: F=T" the thoughts begin with is a solution of the deal (each card's value used
+once, F equal to the target), and whether it is one of the cards the response restated
+(its arithmetic, whatever it read). Writes WORKDIR/cards_grounding.{md,json}.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from latent_mca.cards import experts
 from latent_mca.rl import rollout as rollout_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
@@ -51,6 +56,27 @@ def restated(game: str, text: str):
   return None
 
 
+_PLAN = re.compile(r"Solution: ([0-9()+\-*/]+)=(\d+)")
+
+
+def planned(text: str) -> tuple[list[str], int] | None:
+  """The (formula symbols, target) of the thoughts' "Solution: F=T", or None."""
+  try:
+    thoughts = json.loads(text)["thoughts"]
+  except (json.JSONDecodeError, TypeError, KeyError):
+    return None
+  match = _PLAN.search(thoughts) if isinstance(thoughts, str) else None
+  if match is None:
+    return None
+  return re.findall(r"\d+|[()+\-*/]", match.group(1)), int(match.group(2))
+
+
+def plan_solves(plan, values, target: int) -> bool:
+  """Whether a `planned` formula uses each of `values` once and equals `target`."""
+  return (plan is not None and values is not None and plan[1] == target
+          and experts.is_solution(plan[0], list(values), target))
+
+
 def truth(game: str, view: dict):
   if game == "numberline":
     return view["current"], view["target"]
@@ -62,10 +88,19 @@ def measure(game: str, params, extra, actor) -> dict:
   _, _, _, texts = actor.act(params, extra, obs, jax.random.key(1), np.random.default_rng(0))
   host = jax.device_get(state)
   said = [restated(game, t) for t in texts]
-  true = [truth(game, actor.env.describe(jax.tree.map(lambda x: x[i], host)))
-          for i in range(len(texts))]
+  views = [actor.env.describe(jax.tree.map(lambda x: x[i], host)) for i in range(len(texts))]
+  true = [truth(game, view) for view in views]
   common = collections.Counter(s for s in said if s is not None).most_common(1)
+  plans = {}
+  if game in ("ezpoints", "points24"):
+    target = views[0]["target"]
+    plan = [planned(t) for t in texts]
+    plans = {"plan_solves_deal": float(np.mean([plan_solves(p, t, target)
+                                                for p, t in zip(plan, true)])),
+             "plan_solves_restated": float(np.mean([plan_solves(p, s, target)
+                                                    for p, s in zip(plan, said)]))}
   return {"correct": float(np.mean([s == t for s, t in zip(said, true)])),
+          **plans,
           "parsed": float(np.mean([s is not None for s in said])),
           "most_common": str(common[0][0]) if common else None,
           "most_common_share": common[0][1] / len(said) if common else 0.0,
@@ -97,10 +132,13 @@ def main(argv):
            f"`python -m experiments.cards_grounding --workdir {workdir}`: one step on "
            f"{_ENVS.value} fresh deals per game and policy.", "",
            "| game / policy | restates the frame correctly | parses | most common restatement "
-           "| its share |", "|---|---:|---:|---|---:|"]
+           "| its share | plan solves the deal | plan solves the restated cards |",
+           "|---|---:|---:|---|---:|---:|---:|"]
+  pct = lambda r, key: f"{100 * r[key]:.1f}%" if key in r else "n/a"
   for name, r in rows.items():
-    lines.append(f"| {name} | {100 * r['correct']:.1f}% | {100 * r['parsed']:.1f}% | "
-                 f"{r['most_common']} | {100 * r['most_common_share']:.1f}% |")
+    lines.append(f"| {name} | {pct(r, 'correct')} | {pct(r, 'parsed')} | {r['most_common']} | "
+                 f"{pct(r, 'most_common_share')} | {pct(r, 'plan_solves_deal')} | "
+                 f"{pct(r, 'plan_solves_restated')} |")
   with open(os.path.join(workdir, "cards_grounding.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   backbone_lib.write_json(os.path.join(workdir, "cards_grounding.json"), rows)

@@ -205,3 +205,14 @@ def test_jit_vmap_matches_single_frames():
     for b in range(batch):
       np.testing.assert_array_equal(frames[b], single(*(a[b] for a in args)))
     assert len({f.tobytes() for f in frames}) == batch  # random states give distinct frames
+
+
+def test_the_fingerprint_follows_the_pixels(monkeypatch):
+  before = render.fingerprint()
+  assert before == render.fingerprint() and len(before) == 64
+  # one glyph drawn differently (as another FreeType might) changes it
+  atlas, widths = render._digit_atlas()
+  other = atlas.copy()
+  other[3, 10, 5] = 255 - other[3, 10, 5]
+  monkeypatch.setattr(render, "_digit_atlas", lambda: (other, widths))
+  assert render.fingerprint() != before

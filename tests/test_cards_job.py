@@ -75,6 +75,19 @@ def test_bad_games_and_stages_are_config_errors(tmp_path):
     cards_configs.get_config("poker")
 
 
+def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start():
+  base, gpu = cards_configs.get_config("all"), cards_configs.get_config("gpu")
+  assert gpu.games == base.games == "numberline,ezpoints,points24,blackjack"
+  assert (gpu.expert.transitions, gpu.reading.glyph_steps, gpu.reading.steps,
+          gpu.reading.batch_size, gpu.sft.num_steps, gpu.sft.batch_size) == (
+              4096, 1000, 8000, 32, 2000, 32)
+  assert gpu.expert.transitions > base.expert.transitions
+  assert gpu.reading.steps > base.reading.steps and gpu.sft.num_steps > base.sft.num_steps
+  # everything else is the CPU job's
+  for field in ("ppo", "latent", "latent_idm", "latent_bc", "eval", "backbone", "image_size"):
+    assert gpu[field] == base[field], field
+
+
 def test_a_stage_without_its_inputs_names_them(tmp_path):
   config = cards_configs.get_config("smoke")
   config.games = "numberline"

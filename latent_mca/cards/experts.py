@@ -128,7 +128,7 @@ def _points(view: Mapping, operators: str) -> dict:
 def _next_symbol(values: list[int], target: int, operators: str,
                  typed: tuple[str, ...]) -> tuple[str, str]:
   """(thoughts, next symbol) for the formula typed so far (the policy in the docstring)."""
-  if _is_solution(typed, values, target):
+  if is_solution(typed, values, target):
     return f"Solution: {''.join(typed)}={target}. Complete. Next: =", "="
   solution = _solve(tuple(values), target, operators)
   if solution is None:
@@ -149,7 +149,7 @@ def _solve(values: tuple[int, ...], target: int, operators: str) -> tuple[str, .
   return None if solution is None else tuple(solution)
 
 
-def _is_solution(symbols: Sequence[str], values: Sequence[int], target: int) -> bool:
+def is_solution(symbols: Sequence[str], values: Sequence[int], target: int) -> bool:
   """Whether the formula uses each value exactly once and equals the target."""
   numbers = sorted(int(s) for s in symbols if s.isdigit())
   return numbers == sorted(values) and arith.evaluate_symbols(symbols) == target

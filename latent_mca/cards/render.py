@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 
 import chex
 import jax.numpy as jnp
@@ -483,3 +484,21 @@ def render_blackjack(dealer_ranks, dealer_suits, dealer_n, player_ranks, player_
   frame = jnp.asarray(blackjack_background())
   frame = _hand(frame, dealer, dealer_n, DEALER_Y + LABEL_GAP)
   return _hand(frame, _card_ids(player_ranks, player_suits), player_n, PLAYER_Y + LABEL_GAP)
+
+
+def fingerprint() -> str:
+  """sha256 of the host-side drawing every frame is assembled from: the card faces and
+  backs, the digit and formula atlases, the NumberLine and Blackjack backgrounds.
+
+  The glyphs are rasterised by the Pillow installed (its FreeType), so two machines can
+  draw the same state differently; a policy that learned to read small glyphs on one may
+  not read the other's. Equal fingerprints: the same pixels to start from.
+  """
+  digest = hashlib.sha256()
+  parts = [card_atlas(LARGE), card_atlas(SMALL), *_formula_atlas(), *_digit_atlas(),
+           numberline_background()[0], blackjack_background()]
+  for part in parts:
+    array = np.ascontiguousarray(part)
+    digest.update(repr((array.shape, array.dtype.str)).encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()

@@ -1,9 +1,8 @@
 """The card-games job: chain-of-thought PPO on NumberLine, EZPoints, Points24 and Blackjack.
 
 `config.stages` lists the stages of `latent_mca.stages.cards` to run, in order (all of
-them by default: expert data, tokenizer, reading pretraining (0 steps by default: a
-no-op), SFT warm start, its evaluation, the latent action model, PPO in token and latent
-space, the report). Every stage writes under the workdir and reuses what a previous run
+them by default: expert data, tokenizer, reading pretraining, SFT warm start, its
+evaluation, the latent action model, PPO in token and latent space, the report). Every stage writes under the workdir and reuses what a previous run
 finished.
 """
 
@@ -93,6 +92,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("cards stage %s", stage)
     metrics.update(cards.STAGES[stage](config, workdir))
   return metrics
+
+
+def gpu_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Gives `c` (in place; also returned) a GPU's budget for the warm start: 4096 expert
+  transitions per game, 1000 glyph and 8000 reading steps at batch 32, 2000 SFT steps at
+  batch 32 (the defaults are 2048, 300 + 1200 at 16 and 600 at 16: what 2 CPU cores run
+  in a few hours). PPO and the latent model keep their sizes."""
+  c.expert.transitions = 4096
+  c.reading.update(dict(glyph_steps=1000, steps=8000, batch_size=32))
+  c.sft.update(dict(num_steps=2000, batch_size=32))
+  return c
 
 
 def smoke_config() -> ml_collections.ConfigDict:

@@ -60,6 +60,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import PIL
+import PIL.features
 from absl import logging
 from tqdm import tqdm
 
@@ -70,6 +72,7 @@ from latent_mca.cards import parser
 from latent_mca.cards import pixels as pixels_lib
 from latent_mca.cards import prompts as prompts_lib
 from latent_mca.cards import reading as reading_lib
+from latent_mca.cards import render as render_lib
 from latent_mca.config_schema import ConfigError
 from latent_mca.data.processor import Processor
 from latent_mca.data.image_processing import ImageProcessorConfig
@@ -121,8 +124,37 @@ def _expert_paths(workdir: str, game: str) -> tuple[str, str]:
   return base + ".npz", base + ".json"
 
 
+RENDER = "render.json"  # workdir/render.json: how the machine that made it draws frames
+
+
+def _render_info() -> dict:
+  return {"fingerprint": render_lib.fingerprint(), "pillow": PIL.__version__,
+          "freetype": PIL.features.version("freetype2")}
+
+
+def check_render(workdir: str) -> None:
+  """Records (once) how this machine draws the frames, in workdir/render.json; on a
+  machine that draws them differently (another Pillow / FreeType), logs a warning that
+  says so: what was trained on the first machine's frames is then read on other pixels."""
+  path = os.path.join(workdir, RENDER)
+  here = _render_info()
+  if not os.path.isfile(path):
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      backbone_lib.write_json(path, here)
+    return
+  made = _json(path)
+  if made["fingerprint"] != here["fingerprint"]:
+    logging.warning(
+        "%s: this machine draws the card frames differently from the one that made this "
+        "workdir (Pillow %s with FreeType %s here, %s with %s there): policies trained "
+        "there may not read the frames drawn here", path, here["pillow"], here["freetype"],
+        made.get("pillow"), made.get("freetype"))
+
+
 def expert(config, workdir: str) -> dict:
   """Plays every game with its expert and saves the states and responses (once)."""
+  check_render(workdir)
   out = {}
   for game in games(config):
     npz, meta = _expert_paths(workdir, game)
@@ -140,7 +172,7 @@ def _write_expert(config, game: str, npz: str, meta: str) -> None:
   key = jax.random.fold_in(jax.random.key(config.seed), envs_lib.GAMES.index(game))
   state = jax.jit(jax.vmap(env.reset_state))(jax.random.split(key, n))
   step = jax.jit(jax.vmap(env.step_autoreset))
-  states, texts, outcomes = [], [], []
+  states, texts, episodes = [], [], Episodes(n)
   for t in tqdm(range(steps), desc=f"expert {game}", leave=False):
     host = jax.device_get(state)
     actions = []
@@ -152,8 +184,7 @@ def _write_expert(config, game: str, npz: str, meta: str) -> None:
     states.append(host)
     keys = jax.random.split(jax.random.fold_in(key, t + 1), n)
     _, state, _, done, info = step(keys, state, jnp.asarray(actions, jnp.int32))
-    done, success = np.asarray(done), np.asarray(info["success"])
-    outcomes += success[done].tolist()
+    episodes.add(np.asarray(done), np.asarray(info["success"]), np.zeros(n, np.float32))
   leaves = [np.concatenate([jax.tree.leaves(s)[k] for s in states])
             for k in range(len(jax.tree.leaves(states[0])))]
   os.makedirs(os.path.dirname(npz), exist_ok=True)
@@ -161,8 +192,9 @@ def _write_expert(config, game: str, npz: str, meta: str) -> None:
   np.savez(tmp, *leaves)
   os.replace(tmp, npz)
   backbone_lib.write_json(meta, {"game": game, "transitions": len(texts),
-                                 "episodes": len(outcomes),
-                                 "success_rate": float(np.mean(outcomes)) if outcomes else 0.0,
+                                 "episodes": len(episodes),
+                                 "success_rate": (episodes.success_rate(len(episodes)) / 100
+                                                  if len(episodes) else 0.0),
                                  "responses": texts})
 
 
@@ -217,6 +249,7 @@ def load_processor(config, workdir: str) -> Processor:
   if not config.backbone.checkpoint and not os.path.isfile(
       os.path.join(folder, "tokenizer.json")):
     raise checkpoint.CheckpointNotFoundError(folder, "tokenizer", "run the tokenizer stage first")
+  check_render(workdir)  # every stage that draws frames loads the processor
   area = config.image_size ** 2
   return Processor(data_lib.load_tokenizer(config, workdir),
                    image_config=ImageProcessorConfig(min_pixels=area, max_pixels=area))
@@ -605,18 +638,56 @@ def ppo_config(config) -> ppo_lib.PPOConfig:
 
 
 class Episodes:
-  """Outcomes of finished episodes, in the order they finish."""
+  """Finished episodes of a batch of environments, counted without a bias to short ones.
 
-  def __init__(self, outcomes=(), returns=()):
-    self.outcomes, self.returns = list(outcomes), list(returns)
+  "Success over the last N episodes" taken in the order episodes finish favours short ones
+  when environments run in parallel: stop as soon as N have finished and the long ones
+  (NumberLine's failures run to the 10-step limit; its successes end in 1 to 5) have not
+  finished yet, so a policy that fails a third of its deals could score 100%. Here an
+  episode counts once every episode begun before it, in any environment, has finished: the
+  episodes begun before the earliest start of those still running, ordered by when they
+  began. Which episodes count then depends on their starts alone, never on their length
+  or outcome. (The reference plays one environment, where the two orders agree.)
+  """
+
+  def __init__(self, num_envs: int, records=(), step: int = 0):
+    """records: (start step, env, success, return) of episodes that already count."""
+    self.records = [tuple(r) for r in records]
+    self.step = step
+    self.starts = np.full(num_envs, step, np.int64)  # when each env's current episode began
 
   def add(self, done: np.ndarray, success: np.ndarray, ret: np.ndarray) -> None:
-    self.outcomes += [bool(s) for s in success[done]]
-    self.returns += [float(r) for r in ret[done]]
+    """One step of every environment (auto-resetting: a done env begins anew next step)."""
+    for env in np.flatnonzero(done):
+      self.records.append((int(self.starts[env]), int(env), bool(success[env]), float(ret[env])))
+      self.starts[env] = self.step + 1
+    self.step += 1
+
+  def counted(self) -> list[tuple]:
+    """The episodes that count (every episode begun before them has finished), by start."""
+    cutoff = int(self.starts.min()) if len(self.starts) else self.step
+    return sorted(r for r in self.records if r[0] < cutoff)
+
+  def __len__(self) -> int:
+    return len(self.counted())
 
   def success_rate(self, last: int) -> float:
-    window = self.outcomes[-last:]
+    window = [r[2] for r in self.counted()[-last:]]
     return 100.0 * float(np.mean(window)) if window else float("nan")
+
+  def state(self) -> dict:
+    """The episodes that count, for a checkpoint. A resumed run resets its environments, so
+    the episodes still running (and those begun after them) are left out."""
+    return {"records": [list(r) for r in self.counted()], "step": self.step}
+
+  @classmethod
+  def restore(cls, num_envs: int, state: dict) -> "Episodes":
+    return cls(num_envs, state["records"], state["step"])
+
+
+# How a result's episodes were counted: "by start" (`Episodes`). Results written before it
+# (no such field) counted in finishing order; the report marks them.
+COUNTED = "by start"
 
 
 def window(config, game: str) -> int:
@@ -658,20 +729,21 @@ def eval_sft(config, workdir: str) -> dict:
       params, extra = actor.start_variables(workdir, rng)
       need, n = window(config, game), config.eval.num_envs
       obs, env_state = actor.reset(rng, n)
-      episodes, ret = Episodes(), np.zeros(n, np.float32)
+      episodes, ret = Episodes(n), np.zeros(n, np.float32)
       np_rng = np.random.default_rng([config.seed, 7])
       fallback, chunks = [], 0
       with tqdm(total=need, desc=f"eval_sft {game}") as bar:
-        while len(episodes.outcomes) < need:
+        while len(episodes) < need:
           _, obs, env_state, ret, fb = _rollout_steps(
               actor, params, extra, obs, env_state, 1, jax.random.fold_in(rng, chunks), np_rng,
               episodes, ret)
           fallback.append(fb)
           chunks += 1
-          bar.update(min(need, len(episodes.outcomes)) - bar.n)
+          bar.update(min(need, len(episodes)) - bar.n)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       backbone_lib.write_json(path, {"success_rate": episodes.success_rate(need),
-                                     "episodes": len(episodes.outcomes), "window": need,
+                                     "episodes": len(episodes), "window": need,
+                                     "counted": COUNTED,
                                      "random_action_rate": float(np.mean(fallback))})
     result = _json(path)
     out[f"{game}/sft/success_rate"] = result["success_rate"]
@@ -707,14 +779,14 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
                                  rng=jax.random.key(config.seed), extra=extra)
   layout, state, step = actor.learner(make_state, params)
   need = window(config, game)
-  history, episodes = [], Episodes()
+  history, episodes = [], Episodes(p.num_envs)
   log = metrics_lib.MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
   with checkpoint.Checkpointer(stage_dir) as ckpt:
     start = 0
     if ckpt.latest_step() is not None:
       restored = ckpt.restore(state)
       state, start, history = restored.state, restored.step, restored.history
-      episodes = Episodes(restored.loader_state["outcomes"], restored.loader_state["returns"])
+      episodes = Episodes.restore(p.num_envs, restored.loader_state)
     log.reset(history)
     obs, env_state = actor.reset(jax.random.fold_in(rng, 1000 + start), p.num_envs)
     ret = np.zeros(p.num_envs, np.float32)
@@ -748,20 +820,19 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
               sums.setdefault(key, []).append(value)
         record = {"step": update, **{k: float(np.mean(v)) for k, v in sums.items()},
                   "reward_mean": float(transitions["rewards"].mean()),
-                  "random_action_rate": fallback, "episodes": len(episodes.outcomes),
+                  "random_action_rate": fallback, "episodes": len(episodes),
                   "success_rate": episodes.success_rate(need)}
         history.append(record)
         log.append(record)
-        ckpt.save(update, state, loader_state={"outcomes": episodes.outcomes,
-                                               "returns": episodes.returns},
+        ckpt.save(update, state, loader_state=episodes.state(),
                   history=list(history), num_steps=p.num_updates)
         bar.set_postfix(success=f"{record['success_rate']:.1f}", refresh=False)
         bar.update(1)
   metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
                            os.path.join(stage_dir, "curves.png"),
                            ["success_rate", "reward_mean", "value_loss", "policy_loss"])
-  result = {"success_rate": episodes.success_rate(need), "episodes": len(episodes.outcomes),
-            "window": need, "updates": p.num_updates,
+  result = {"success_rate": episodes.success_rate(need), "episodes": len(episodes),
+            "window": need, "counted": COUNTED, "updates": p.num_updates,
             "env_steps": p.num_updates * n_items}
   backbone_lib.write_json(result_path, result)
   return result
@@ -800,16 +871,21 @@ def report(config, workdir: str) -> dict:
   lines = ["# Card games: success rate (%)", "",
            f"Ours: a tiny Qwen2.5-VL trained from scratch{read} (config in config.json); "
            f"success over the last {config.eval.episodes} episodes "
-           f"({config.eval.blackjack_episodes} for Blackjack), as the reference counts. "
+           f"({config.eval.blackjack_episodes} for Blackjack), as the reference counts, "
+           "taken by when they began (an episode counts once every episode begun before it "
+           "has finished, so short episodes do not crowd out long ones). "
            "Reference: RL4VLM with LLaVA-1.6-7B (SPEC section 4).", "",
            "| method | " + " | ".join(TITLES[g] for g in names) + " |",
            "|---|" + "---:|" * len(names)]
+  finishing_order = False
   for label, _ in ROWS:
     cells = []
     for game in names:
       r = table.get(label, {}).get(game)
       r = r if r is not None and r["episodes"] else None
-      cells.append("—" if r is None else f"{r['success_rate']:.1f} ({r['episodes']} ep.)")
+      mark = "" if r is None or r.get("counted") == COUNTED else " †"
+      finishing_order |= bool(mark)
+      cells.append("—" if r is None else f"{r['success_rate']:.1f} ({r['episodes']} ep.){mark}")
       if r is not None:
         out[f"{game}/{label}"] = r["success_rate"]
     lines.append(f"| ours: {label} | " + " | ".join(cells) + " |")
@@ -822,6 +898,10 @@ def report(config, workdir: str) -> dict:
   for label, values in REFERENCE.items():
     lines.append(f"| reference: {label} | " + " | ".join(f"{values[g]:.1f}" for g in names)
                  + " |")
+  if finishing_order:
+    lines += ["", "† written by an earlier version, which took the episodes in the order they "
+              "finished: with environments in parallel that favours short episodes "
+              "(NumberLine's failures run to its 10-step limit), so these overstate success."]
   path = os.path.join(workdir, "cards_results.md")
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -1,0 +1,60 @@
+"""experiments.cards_grounding's parsing: what a response restates and whether its plan solves."""
+
+import json
+
+import pytest
+
+from experiments import cards_grounding as grounding
+from latent_mca.cards import experts
+
+
+def _view(values, target, formula=()):
+  return {"values": list(values), "target": target, "formula": list(formula)}
+
+
+def test_restated_reads_each_game_and_refuses_malformed_text():
+  numberline = json.dumps({"current number": "3", "target number": "7", "thoughts": "",
+                           "action": "+"})
+  assert grounding.restated("numberline", numberline) == (3, 7)
+  points = json.dumps({"cards": [10, 2, 8, 2], "current formula": "", "thoughts": "",
+                       "action": "8"})
+  assert grounding.restated("points24", points) == (2, 2, 8, 10)
+  for text in ("not json", json.dumps([1, 2]), json.dumps({"cards": ["x"]}), "{}"):
+    assert grounding.restated("points24", text) is None
+  assert grounding.restated("numberline", json.dumps({"current number": "3"})) is None
+
+
+@pytest.mark.parametrize("game,values", [("points24", (8, 2, 10, 10)),
+                                         ("points24", (3, 3, 8, 8)),
+                                         ("points24", (6, 3, 10, 10)),
+                                         ("ezpoints", (2, 6)), ("ezpoints", (10, 2))])
+def test_the_experts_plans_solve_their_deals(game, values):
+  target = 24 if game == "points24" else 12
+  text, _ = experts.expert_response(game, _view(values, target))
+  plan = grounding.planned(text)
+  assert plan is not None and plan[1] == target
+  assert grounding.plan_solves(plan, values, target)
+  # the same plan for other cards, or for another target, is no solution
+  other = (values[0] % 10 + 1,) + tuple(values[1:])
+  assert not grounding.plan_solves(plan, other, target)
+  assert not grounding.plan_solves(plan, values, target + 1)
+
+
+def test_plans_that_do_not_solve():
+  def response(thoughts):
+    return json.dumps({"cards": [8, 2, 10, 10], "current formula": "", "thoughts": thoughts,
+                       "action": "8"})
+
+  cards = (8, 2, 10, 10)
+  assert grounding.plan_solves(grounding.planned(response("Solution: 8/2+10+10=24. Next: 8")),
+                               cards, 24)
+  # a wrong value, a card used twice (another left out), arithmetic that misses the target
+  for formula in ("8/2+10+10=25", "8/2+10+8=24", "8*2+10-10=24"):
+    plan = grounding.planned(response(f"Solution: {formula}. Next: 8"))
+    assert plan is not None and not grounding.plan_solves(plan, cards, 24), formula
+  for thoughts in ("no plan here", "Solution: =24", ""):
+    assert grounding.planned(response(thoughts)) is None
+  assert grounding.planned("not json") is None
+  assert not grounding.plan_solves(None, cards, 24)
+  assert not grounding.plan_solves(grounding.planned(response("Solution: 8/2+10+10=24")),
+                                   None, 24)
