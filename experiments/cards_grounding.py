@@ -17,16 +17,14 @@ once, F equal to the target), and whether it is one of the cards the response re
 from __future__ import annotations
 
 import collections
-import json
 import os
-import re
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from latent_mca.cards import experts
+from latent_mca.cards.grounding import plan_solves, planned, restated, truth
 from latent_mca.rl import rollout as rollout_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
@@ -36,51 +34,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cards.py:all", "The cards config the workdir was run with.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The cards job's workdir.", required=True)
 _ENVS = flags.DEFINE_integer("envs", 128, "Fresh deals per game and policy.")
-
-
-def restated(game: str, text: str):
-  """What the response says the frame shows (a hashable), or None if it does not parse."""
-  try:
-    fields = json.loads(text)
-  except (json.JSONDecodeError, TypeError):
-    return None
-  if not isinstance(fields, dict):
-    return None
-  try:
-    if game == "numberline":
-      return int(fields["current number"]), int(fields["target number"])
-    if game in ("ezpoints", "points24"):
-      return tuple(sorted(int(v) for v in fields["cards"]))
-  except (KeyError, TypeError, ValueError):
-    return None
-  return None
-
-
-_PLAN = re.compile(r"Solution: ([0-9()+\-*/]+)=(\d+)")
-
-
-def planned(text: str) -> tuple[list[str], int] | None:
-  """The (formula symbols, target) of the thoughts' "Solution: F=T", or None."""
-  try:
-    thoughts = json.loads(text)["thoughts"]
-  except (json.JSONDecodeError, TypeError, KeyError):
-    return None
-  match = _PLAN.search(thoughts) if isinstance(thoughts, str) else None
-  if match is None:
-    return None
-  return re.findall(r"\d+|[()+\-*/]", match.group(1)), int(match.group(2))
-
-
-def plan_solves(plan, values, target: int) -> bool:
-  """Whether a `planned` formula uses each of `values` once and equals `target`."""
-  return (plan is not None and values is not None and plan[1] == target
-          and experts.is_solution(plan[0], list(values), target))
-
-
-def truth(game: str, view: dict):
-  if game == "numberline":
-    return view["current"], view["target"]
-  return tuple(sorted(view["values"]))
 
 
 def measure(game: str, params, extra, actor) -> dict:

@@ -1,10 +1,10 @@
-"""experiments.cards_grounding's parsing: what a response restates and whether its plan solves."""
+"""latent_mca.cards.grounding: what a response restates and whether its plan solves."""
 
 import json
 
 import pytest
 
-from experiments import cards_grounding as grounding
+from latent_mca.cards import grounding
 from latent_mca.cards import experts
 
 
