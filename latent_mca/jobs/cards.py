@@ -2,8 +2,8 @@
 
 `config.stages` lists the stages of `latent_mca.stages.cards` to run, in order (all of
 them by default: expert data, tokenizer, reading pretraining, SFT warm start, its
-evaluation, the latent action model, PPO in token and latent space, the report). Every stage writes under the workdir and reuses what a previous run
-finished.
+evaluation, the latent action model, PPO in token and latent space, the report). Every
+stage writes under the workdir and reuses what a previous run finished.
 """
 
 from __future__ import annotations
