@@ -56,6 +56,9 @@ def test_state_keeps_what_counts_and_a_resumed_window_goes_on():
   _play(resumed, [1, 4], [True, False], 4)
   assert len(resumed) == 5 + 4 + 1
   assert resumed.success_rate(100) == pytest.approx(100.0 * 8 / 10)
+  # an earlier version's state (outcomes in finishing order) is refused by name
+  with pytest.raises(ValueError, match="W/numberline/ppo_token.*earlier version"):
+    Episodes.restore(2, {"outcomes": [True], "returns": [1.0]}, "W/numberline/ppo_token")
 
 
 def test_the_report_marks_results_counted_in_finishing_order(tmp_path):

@@ -681,7 +681,13 @@ class Episodes:
     return {"records": [list(r) for r in self.counted()], "step": self.step}
 
   @classmethod
-  def restore(cls, num_envs: int, state: dict) -> "Episodes":
+  def restore(cls, num_envs: int, state: dict, where: str = "the checkpoint") -> "Episodes":
+    """From `state()`. Raises ValueError for an earlier version's state (outcomes in
+    finishing order, without their starts), which cannot be counted by start."""
+    if "records" not in state:
+      raise ValueError(f"{where} was written by an earlier version that counted episodes in "
+                       "the order they finished, which cannot be counted by start; delete "
+                       "that run's folder to run it again")
     return cls(num_envs, state["records"], state["step"])
 
 
@@ -786,7 +792,7 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
     if ckpt.latest_step() is not None:
       restored = ckpt.restore(state)
       state, start, history = restored.state, restored.step, restored.history
-      episodes = Episodes.restore(p.num_envs, restored.loader_state)
+      episodes = Episodes.restore(p.num_envs, restored.loader_state, stage_dir)
     log.reset(history)
     obs, env_state = actor.reset(jax.random.fold_in(rng, 1000 + start), p.num_envs)
     ret = np.zeros(p.num_envs, np.float32)
