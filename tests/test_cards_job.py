@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -93,3 +94,21 @@ def test_a_stage_without_its_inputs_names_them(tmp_path):
   config.games = "numberline"
   with pytest.raises(CheckpointNotFoundError, match="tokenizer"):
     cards.sft(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_longer_ppo_run_resumes_with_its_episodes(smoke_run, tmp_path):
+  config, workdir, _ = smoke_run
+  copy = str(tmp_path / "cards")
+  shutil.copytree(workdir, copy)
+  run_dir = os.path.join(copy, "blackjack", "ppo_token")
+  before = json.load(open(os.path.join(run_dir, "result.json")))
+  os.remove(os.path.join(run_dir, "result.json"))
+  longer = config.copy_and_resolve_references()
+  longer.ppo.num_updates = 3
+  result = cards._ppo_run(longer, copy, "blackjack", "token")
+  lines = open(os.path.join(run_dir, "metrics.jsonl")).readlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]  # resumed at update 2
+  assert result["counted"] == cards.COUNTED and result["env_steps"] == 24
+  # the episodes counted by update 2 are kept (update 3 may add to them)
+  assert result["episodes"] >= before["episodes"]
