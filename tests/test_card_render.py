@@ -216,3 +216,14 @@ def test_the_fingerprint_follows_the_pixels(monkeypatch):
   other[3, 10, 5] = 255 - other[3, 10, 5]
   monkeypatch.setattr(render, "_digit_atlas", lambda: (other, widths))
   assert render.fingerprint() != before
+
+
+def test_text_is_laid_out_alike_with_or_without_libraqm():
+  from PIL import ImageFont
+  # Pillow's basic engine, which every build has: "Target: " advances 178.9 pixels
+  # (with libraqm 173.7, which moved NumberLine's digit by 5 pixels between machines).
+  face = glyphs.font(render.NUMBER_TEXT, True)
+  assert face.layout_engine == ImageFont.Layout.BASIC
+  assert glyphs.text_mask("Target: ", render.NUMBER_TEXT, True).shape[1] == 179
+  _, xs = render.numberline_background()
+  assert xs == (render.NUMBER_X + 179, render.NUMBER_X + 201)

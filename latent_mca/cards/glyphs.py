@@ -34,9 +34,17 @@ RANK_NAMES = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K") 
 
 @functools.cache
 def font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
-  """DejaVu Sans (Bold) at `size` pixels."""
+  """DejaVu Sans (Bold) at `size` pixels, laid out by Pillow's basic engine.
+
+  Pillow lays text out with libraqm where its build has it, else with its basic engine,
+  and the two space a string differently ("Target: " at size 40 advances 173.7 pixels
+  with raqm, 178.9 without), which moves NumberLine's digits. A policy trained on one
+  machine's frames then misreads the other's (results/cards_gpu_h100/README.md), so the
+  engine is fixed to the one every build has.
+  """
   name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
-  return ImageFont.truetype(os.path.join(FONT_DIR, name), size)
+  return ImageFont.truetype(os.path.join(FONT_DIR, name), size,
+                            layout_engine=ImageFont.Layout.BASIC)
 
 
 def line_height(size: int, bold: bool = False) -> int:
