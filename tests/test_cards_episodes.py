@@ -100,3 +100,69 @@ def test_a_workdir_records_how_frames_are_drawn_and_warns_on_other_pixels(tmp_pa
   assert "draws the card frames differently" in caplog.text and "9.0.0" in caplog.text
   # the record stays the first machine's
   assert json.loads((tmp_path / cards.RENDER).read_text())["pillow"] == "9.0.0"
+
+
+class _ScriptedActor:
+  """An Actor whose environment e plays episodes of lengths[e] steps ending in wins[e], so
+  `evaluate`'s count can be worked out by hand; it acts without a model."""
+
+  def __init__(self, config, lengths, wins):
+    self.config, self.game = config, "numberline"
+    self.lengths, self.wins = np.asarray(lengths), np.asarray(wins)
+    self.acted = 0
+
+  def check_batch_size(self, batch_size, field):
+    assert batch_size == len(self.lengths), field
+
+  def reset(self, rng, num_envs):
+    return np.zeros((num_envs, 1)), np.zeros(num_envs, int)
+
+  def act(self, params, extra, obs, rng, np_rng):
+    self.acted += 1
+    return {"frames": obs}, np.zeros(len(obs), int), 0.25, []
+
+  def env_step(self, keys, age, index):
+    age = age + 1
+    done = age == self.lengths
+    info = {"success": self.wins & done}
+    return np.zeros((len(age), 1)), np.where(done, 0, age), done.astype(np.float32), done, info
+
+
+def test_evaluate_plays_until_the_window_counts_by_start(tmp_path):
+  from configs import cards as cards_configs
+  from latent_mca.stages import cards
+
+  config = cards_configs.get_config("smoke")
+  config.eval.update(episodes=6, num_envs=2)
+  # env 0 wins in one step, env 1 loses after four. Six episodes have finished by step 5,
+  # but the loss begun at step 4 runs to step 8: only then do six (ten) count. The last six
+  # by start are wins begun at 3, 4, 5, 6, 7 and the loss begun at 4.
+  actor = _ScriptedActor(config, [1, 4], [True, False])
+  path = str(tmp_path / "numberline" / "ppo_token" / "eval.json")
+  result = cards.evaluate(actor, {}, {}, path, updates=3)
+  assert actor.acted == 8
+  assert result == {"success_rate": pytest.approx(100.0 * 5 / 6), "episodes": 10,
+                    "window": 6, "counted": cards.COUNTED, "random_action_rate": 0.25,
+                    "updates": 3}
+  assert json.loads(open(path).read()) == result
+
+
+def test_the_report_sets_evaluated_policies_beside_their_training(tmp_path):
+  from configs import cards as cards_configs
+  from latent_mca.stages import cards
+
+  config = cards_configs.get_config("smoke")
+  config.games = "blackjack"
+  run = tmp_path / "blackjack" / "ppo_token"
+  os.makedirs(run)
+  for name, rate, episodes in (("eval.json", 41.5, 1003), ("result.json", 30.0, 90)):
+    with open(run / name, "w") as f:
+      json.dump({"success_rate": rate, "episodes": episodes, "window": 1000,
+                 "counted": cards.COUNTED}, f)
+  cards.report(config, str(tmp_path))
+  rows = dict(line.split(" | ", 1) for line in
+              (tmp_path / "cards_results.md").read_text().splitlines()
+              if line.startswith("| ours"))
+  assert rows["| ours: token PPO"] == "41.5 (1003 ep.) |"
+  assert rows["| ours: token PPO, in training"] == "30.0 (90 ep.) |"
+  assert rows["| ours: SFT only"] == rows["| ours: latent PPO"] == "— |"

@@ -38,11 +38,17 @@ def test_every_stage_writes_its_outputs(smoke_run):
   assert 0.0 <= metrics["reading/blackjack/value_accuracy"] <= 1.0
   assert "reading/blackjack/value_accuracy/shuffled" in metrics
   for space in ("token", "latent"):
-    result = json.load(open(os.path.join(workdir, "blackjack", f"ppo_{space}", "result.json")))
+    run_dir = os.path.join(workdir, "blackjack", f"ppo_{space}")
+    result = json.load(open(os.path.join(run_dir, "result.json")))
     # 2 updates x 2 steps x 4 environments; a Blackjack episode lasts 1-3 steps.
     assert result["env_steps"] == 16 and result["episodes"] >= 4
     assert 0.0 <= result["success_rate"] <= 100.0
-    assert metrics[f"blackjack/ppo_{space}/success_rate"] == result["success_rate"]
+    assert metrics[f"blackjack/ppo_{space}/train_success_rate"] == result["success_rate"]
+    # the trained policy evaluated in fresh environments over the whole window
+    evaluation = json.load(open(os.path.join(run_dir, "eval.json")))
+    assert evaluation["episodes"] >= evaluation["window"] == config.eval.blackjack_episodes
+    assert evaluation["updates"] == 2 and evaluation["counted"] == cards.COUNTED
+    assert metrics[f"blackjack/ppo_{space}/success_rate"] == evaluation["success_rate"]
     lines = open(os.path.join(workdir, "blackjack", f"ppo_{space}", "metrics.jsonl")).readlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
@@ -51,7 +57,8 @@ def test_every_stage_writes_its_outputs(smoke_run):
 def test_the_report_sets_ours_beside_the_reference(smoke_run):
   _, workdir, _ = smoke_run
   table = open(os.path.join(workdir, "cards_results.md")).read()
-  for row in ("ours: SFT only", "ours: token PPO", "ours: latent PPO", "reference: RL4VLM"):
+  for row in ("ours: SFT only", "ours: token PPO", "ours: latent PPO",
+              "ours: token PPO, in training", "reference: RL4VLM"):
     assert f"| {row} |" in table
   assert "| reference: RL4VLM | 40.2 |" in table  # Blackjack's reference number
 
@@ -106,9 +113,33 @@ def test_a_longer_ppo_run_resumes_with_its_episodes(smoke_run, tmp_path):
   os.remove(os.path.join(run_dir, "result.json"))
   longer = config.copy_and_resolve_references()
   longer.ppo.num_updates = 3
-  result = cards._ppo_run(longer, copy, "blackjack", "token")
+  result, evaluation = cards._ppo_run(longer, copy, "blackjack", "token")
   lines = open(os.path.join(run_dir, "metrics.jsonl")).readlines()
   assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]  # resumed at update 2
   assert result["counted"] == cards.COUNTED and result["env_steps"] == 24
   # the episodes counted by update 2 are kept (update 3 may add to them)
   assert result["episodes"] >= before["episodes"]
+  # the policy of update 3 is evaluated again, not the stale evaluation of update 2
+  assert evaluation["updates"] == 3
+  assert json.load(open(os.path.join(run_dir, "eval.json")))["updates"] == 3
+
+
+@pytest.mark.slow
+def test_a_trained_run_without_its_evaluation_is_evaluated_from_its_checkpoint(smoke_run,
+                                                                                tmp_path):
+  config, workdir, _ = smoke_run
+  copy = str(tmp_path / "cards")
+  shutil.copytree(workdir, copy)
+  run_dir = os.path.join(copy, "blackjack", "ppo_latent")
+  before = json.load(open(os.path.join(run_dir, "eval.json")))
+  os.remove(os.path.join(run_dir, "eval.json"))
+  trained, evaluation = cards._ppo_run(config, copy, "blackjack", "latent")
+  assert evaluation == before  # the same policy, the same keys: the same episodes
+  lines = open(os.path.join(run_dir, "metrics.jsonl")).readlines()
+  assert len(lines) == 2  # not trained again
+  # a result whose checkpoint is gone cannot be evaluated: said by name, nothing deleted
+  os.remove(os.path.join(run_dir, "eval.json"))
+  shutil.rmtree(os.path.join(run_dir, "checkpoints"))
+  with pytest.raises(ValueError, match="ppo_latent/result.json reports 2 updates"):
+    cards._ppo_run(config, copy, "blackjack", "latent")
+  assert json.load(open(os.path.join(run_dir, "result.json"))) == trained

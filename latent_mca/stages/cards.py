@@ -26,16 +26,20 @@
   latent      the latent action model on the expert data, from sft's frozen backbone:
               inverse dynamics + codebook + world model (stage 1's loss), then the
               latent policy cloning the IDM's codes (stage 4's).
-  ppo_token   PPO per game from sft, training the backbone and the value head.
+  ppo_token   PPO per game from sft, training the backbone and the value head; then the
+              trained policy evaluated as eval_sft evaluates the warm start
+              (<game>/ppo_token/result.json: training, eval.json: the evaluation).
   ppo_latent  PPO per game from `latent`, training the latent policy and the value head
-              (the world model decodes, frozen).
+              (the world model decodes, frozen); evaluated likewise.
   report      workdir/cards_results.md (+ .json): success rates beside the reference's.
 
 PPO follows RL4VLM: `ppo.num_steps` steps of `ppo.num_envs` environments per update,
 GAE, `ppo.epochs` epochs of clipped PPO over minibatches, log pi = thought_coef *
-thoughts + action (`cards.agent`). Its success rate is over the last episodes finished
-in training, as the reference reports it. Each PPO run checkpoints after every update
-and resumes from the last one (its environments then start fresh episodes).
+thoughts + action (`cards.agent`). Its success rate in training is over the last
+episodes finished in training, as the reference reports it; a short run finishes fewer
+than the window, so the trained policy is also evaluated in fresh environments. Each PPO
+run checkpoints after every update and resumes from the last one (its environments then
+start fresh episodes).
 
 Acting and the PPO learner run on the mesh of `config.mesh`
 (`latent_mca.parallel.mesh`), as the pipeline's RL stage does: the learner's TrainState
@@ -723,6 +727,38 @@ def _rollout_steps(actor: Actor, params, extra, obs, env_state, steps: int, rng,
   return stacked, obs, env_state, ret, float(np.mean(fallbacks))
 
 
+def evaluate(actor: Actor, params, extra, path: str, **fields) -> dict:
+  """Plays actor's game with (params, extra) in `eval.num_envs` fresh environments until
+  `window` episodes count (`Episodes`), acting as in training (the PPO temperature); writes
+  path (json) and returns {success_rate, episodes, window, counted, random_action_rate,
+  **fields}.
+
+  Every policy is evaluated from the same keys (the seed's), so the warm start and its PPO
+  runs begin on the same deals."""
+  config, game = actor.config, actor.game
+  need, n = window(config, game), config.eval.num_envs
+  actor.check_batch_size(n, "config.eval.num_envs")
+  rng = jax.random.fold_in(jax.random.key(config.seed), 7)
+  obs, env_state = actor.reset(rng, n)
+  episodes, ret = Episodes(n), np.zeros(n, np.float32)
+  np_rng = np.random.default_rng([config.seed, 7])
+  fallback = []
+  desc = f"evaluate {game} {os.path.basename(os.path.dirname(path)) or 'sft'}"
+  with tqdm(total=need, desc=desc) as bar:
+    while len(episodes) < need:
+      _, obs, env_state, ret, fb = _rollout_steps(
+          actor, params, extra, obs, env_state, 1, jax.random.fold_in(rng, len(fallback)),
+          np_rng, episodes, ret)
+      fallback.append(fb)
+      bar.update(min(need, len(episodes)) - bar.n)
+  result = {"success_rate": episodes.success_rate(need), "episodes": len(episodes),
+            "window": need, "counted": COUNTED, "random_action_rate": float(np.mean(fallback)),
+            **fields}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  backbone_lib.write_json(path, result)
+  return result
+
+
 def eval_sft(config, workdir: str) -> dict:
   """The warm start alone, per game: success over the last `window` episodes played."""
   out = {}
@@ -730,29 +766,10 @@ def eval_sft(config, workdir: str) -> dict:
     path = os.path.join(workdir, game, "eval_sft.json")
     if not os.path.isfile(path):
       actor = Actor(config, workdir, game, rollout_lib.TOKEN)
-      actor.check_batch_size(config.eval.num_envs, "config.eval.num_envs")
       rng = jax.random.fold_in(jax.random.key(config.seed), 7)
       params, extra = actor.start_variables(workdir, rng)
-      need, n = window(config, game), config.eval.num_envs
-      obs, env_state = actor.reset(rng, n)
-      episodes, ret = Episodes(n), np.zeros(n, np.float32)
-      np_rng = np.random.default_rng([config.seed, 7])
-      fallback, chunks = [], 0
-      with tqdm(total=need, desc=f"eval_sft {game}") as bar:
-        while len(episodes) < need:
-          _, obs, env_state, ret, fb = _rollout_steps(
-              actor, params, extra, obs, env_state, 1, jax.random.fold_in(rng, chunks), np_rng,
-              episodes, ret)
-          fallback.append(fb)
-          chunks += 1
-          bar.update(min(need, len(episodes)) - bar.n)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      backbone_lib.write_json(path, {"success_rate": episodes.success_rate(need),
-                                     "episodes": len(episodes), "window": need,
-                                     "counted": COUNTED,
-                                     "random_action_rate": float(np.mean(fallback))})
-    result = _json(path)
-    out[f"{game}/sft/success_rate"] = result["success_rate"]
+      evaluate(actor, params, extra, path)
+    out[f"{game}/sft/success_rate"] = _json(path)["success_rate"]
   return out
 
 
@@ -763,13 +780,24 @@ def _flatten(transitions: dict) -> dict:
   return {k: v.reshape((-1,) + v.shape[2:]) for k, v in transitions.items()}
 
 
-def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
+def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
+  """(training result, evaluation) of PPO on `game` in `space`, each written to the run's
+  folder (result.json, eval.json).
+
+  The training result is success over the last `window` episodes finished in training (as
+  the reference reports it; a short run finishes fewer). The evaluation plays the trained
+  policy in fresh environments until `window` episodes count, as `eval_sft` plays the
+  warm start. A run whose result.json exists is done and is evaluated if it was not yet."""
   p = config.ppo
   name = f"ppo_{space}"
   stage_dir = os.path.join(workdir, game, name)
   result_path = os.path.join(stage_dir, "result.json")
-  if os.path.isfile(result_path):
-    return _json(result_path)
+  eval_path = os.path.join(stage_dir, "eval.json")
+  trained = _json(result_path) if os.path.isfile(result_path) else None
+  if trained is not None and os.path.isfile(eval_path):
+    evaluation = _json(eval_path)
+    if evaluation.get("updates") == trained["updates"]:
+      return trained, evaluation
   os.makedirs(stage_dir, exist_ok=True)
   actor = Actor(config, workdir, game, space)
   actor.check_batch_size(p.num_envs, "config.ppo.num_envs")
@@ -793,6 +821,12 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
       restored = ckpt.restore(state)
       state, start, history = restored.state, restored.step, restored.history
       episodes = Episodes.restore(p.num_envs, restored.loader_state, stage_dir)
+    if trained is not None:
+      if start != trained["updates"]:
+        raise ValueError(f"{result_path} reports {trained['updates']} updates but the "
+                         f"run's last checkpoint is of update {start}: the trained policy "
+                         "to evaluate is gone (delete the folder to train it again)")
+      return trained, evaluate(actor, state.params, state.extra, eval_path, updates=start)
     log.reset(history)
     obs, env_state = actor.reset(jax.random.fold_in(rng, 1000 + start), p.num_envs)
     ret = np.zeros(p.num_envs, np.float32)
@@ -837,28 +871,40 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> dict:
   metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
                            os.path.join(stage_dir, "curves.png"),
                            ["success_rate", "reward_mean", "value_loss", "policy_loss"])
-  result = {"success_rate": episodes.success_rate(need), "episodes": len(episodes),
-            "window": need, "counted": COUNTED, "updates": p.num_updates,
-            "env_steps": p.num_updates * n_items}
-  backbone_lib.write_json(result_path, result)
-  return result
+  trained = {"success_rate": episodes.success_rate(need), "episodes": len(episodes),
+             "window": need, "counted": COUNTED, "updates": p.num_updates,
+             "env_steps": p.num_updates * n_items}
+  backbone_lib.write_json(result_path, trained)
+  return trained, evaluate(actor, state.params, state.extra, eval_path,
+                          updates=p.num_updates)
+
+
+def _ppo_stage(config, workdir: str, space: str) -> dict:
+  out = {}
+  for game in games(config):
+    trained, evaluation = _ppo_run(config, workdir, game, space)
+    out[f"{game}/ppo_{space}/success_rate"] = evaluation["success_rate"]
+    out[f"{game}/ppo_{space}/train_success_rate"] = trained["success_rate"]
+  return out
 
 
 def ppo_token(config, workdir: str) -> dict:
-  return {f"{g}/ppo_token/success_rate": _ppo_run(config, workdir, g, rollout_lib.TOKEN)[
-      "success_rate"] for g in games(config)}
+  return _ppo_stage(config, workdir, rollout_lib.TOKEN)
 
 
 def ppo_latent(config, workdir: str) -> dict:
-  return {f"{g}/ppo_latent/success_rate": _ppo_run(config, workdir, g, rollout_lib.LATENT)[
-      "success_rate"] for g in games(config)}
+  return _ppo_stage(config, workdir, rollout_lib.LATENT)
 
 
 # ----------------------------------------------------------------------------- report
 
 
-ROWS = (("SFT only", "eval_sft.json"), ("token PPO", "ppo_token/result.json"),
-        ("latent PPO", "ppo_latent/result.json"))
+# (label, result file): the policies evaluated alike (`evaluate`), then PPO's success over
+# the last episodes of its training, as the reference reports it.
+ROWS = (("SFT only", "eval_sft.json"), ("token PPO", "ppo_token/eval.json"),
+        ("latent PPO", "ppo_latent/eval.json"),
+        ("token PPO, in training", "ppo_token/result.json"),
+        ("latent PPO, in training", "ppo_latent/result.json"))
 TITLES = {"numberline": "NumberLine", "ezpoints": "EZPoints", "points24": "Points24",
           "blackjack": "Blackjack"}
 
@@ -879,8 +925,13 @@ def report(config, workdir: str) -> dict:
            f"success over the last {config.eval.episodes} episodes "
            f"({config.eval.blackjack_episodes} for Blackjack), as the reference counts, "
            "taken by when they began (an episode counts once every episode begun before it "
-           "has finished, so short episodes do not crowd out long ones). "
-           "Reference: RL4VLM with LLaVA-1.6-7B (SPEC section 4).", "",
+           "has finished, so short episodes do not crowd out long ones). The warm start "
+           "and the trained PPO policies are each evaluated in "
+           f"{config.eval.num_envs} fresh environments from the same keys; the rows "
+           "'in training' are PPO's last episodes of training, as the reference reports "
+           f"them ({config.ppo.num_updates} updates of {config.ppo.num_envs} x "
+           f"{config.ppo.num_steps} steps: fewer episodes than the window where the "
+           "count says so). Reference: RL4VLM with LLaVA-1.6-7B (SPEC section 4).", "",
            "| method | " + " | ".join(TITLES[g] for g in names) + " |",
            "|---|" + "---:|" * len(names)]
   finishing_order = False
