@@ -139,7 +139,7 @@ def test_evaluate_plays_until_the_window_counts_by_start(tmp_path):
   # by start are wins begun at 3, 4, 5, 6, 7 and the loss begun at 4.
   actor = _ScriptedActor(config, [1, 4], [True, False])
   path = str(tmp_path / "numberline" / "ppo_token" / "eval.json")
-  result = cards.evaluate(actor, {}, {}, path, updates=3)
+  result = cards.evaluate(actor, {}, {}, path, "ppo_token", updates=3)
   assert actor.acted == 8
   assert result == {"success_rate": pytest.approx(100.0 * 5 / 6), "episodes": 10,
                     "window": 6, "counted": cards.COUNTED, "random_action_rate": 0.25,

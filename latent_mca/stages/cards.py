@@ -727,10 +727,10 @@ def _rollout_steps(actor: Actor, params, extra, obs, env_state, steps: int, rng,
   return stacked, obs, env_state, ret, float(np.mean(fallbacks))
 
 
-def evaluate(actor: Actor, params, extra, path: str, **fields) -> dict:
+def evaluate(actor: Actor, params, extra, path: str, label: str, **fields) -> dict:
   """Plays actor's game with (params, extra) in `eval.num_envs` fresh environments until
-  `window` episodes count (`Episodes`), acting as in training (the PPO temperature); writes
-  path (json) and returns {success_rate, episodes, window, counted, random_action_rate,
+  `window` episodes count (`Episodes`), acting as in training (the PPO temperature), `label`
+  naming the policy on the progress bar; writes path (json) and returns {success_rate, episodes, window, counted, random_action_rate,
   **fields}.
 
   Every policy is evaluated from the same keys (the seed's), so the warm start and its PPO
@@ -743,8 +743,7 @@ def evaluate(actor: Actor, params, extra, path: str, **fields) -> dict:
   episodes, ret = Episodes(n), np.zeros(n, np.float32)
   np_rng = np.random.default_rng([config.seed, 7])
   fallback = []
-  desc = f"evaluate {game} {os.path.basename(os.path.dirname(path)) or 'sft'}"
-  with tqdm(total=need, desc=desc) as bar:
+  with tqdm(total=need, desc=f"evaluate {game} {label}") as bar:
     while len(episodes) < need:
       _, obs, env_state, ret, fb = _rollout_steps(
           actor, params, extra, obs, env_state, 1, jax.random.fold_in(rng, len(fallback)),
@@ -768,7 +767,7 @@ def eval_sft(config, workdir: str) -> dict:
       actor = Actor(config, workdir, game, rollout_lib.TOKEN)
       rng = jax.random.fold_in(jax.random.key(config.seed), 7)
       params, extra = actor.start_variables(workdir, rng)
-      evaluate(actor, params, extra, path)
+      evaluate(actor, params, extra, path, "sft")
     out[f"{game}/sft/success_rate"] = _json(path)["success_rate"]
   return out
 
@@ -826,7 +825,8 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
         raise ValueError(f"{result_path} reports {trained['updates']} updates but the "
                          f"run's last checkpoint is of update {start}: the trained policy "
                          "to evaluate is gone (delete the folder to train it again)")
-      return trained, evaluate(actor, state.params, state.extra, eval_path, updates=start)
+      return trained, evaluate(actor, state.params, state.extra, eval_path, name,
+                               updates=start)
     log.reset(history)
     obs, env_state = actor.reset(jax.random.fold_in(rng, 1000 + start), p.num_envs)
     ret = np.zeros(p.num_envs, np.float32)
@@ -875,7 +875,7 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
              "window": need, "counted": COUNTED, "updates": p.num_updates,
              "env_steps": p.num_updates * n_items}
   backbone_lib.write_json(result_path, trained)
-  return trained, evaluate(actor, state.params, state.extra, eval_path,
+  return trained, evaluate(actor, state.params, state.extra, eval_path, name,
                           updates=p.num_updates)
 
 
