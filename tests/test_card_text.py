@@ -398,6 +398,35 @@ def test_points_expert_off_its_solution():
   assert fields["thoughts"] == "Solution: 8/(3-8/3)=24. Next: 8"
 
 
+def test_the_canonical_plan_is_one_formula_per_multiset_and_deal_plans_by_card_order():
+  rng = np.random.default_rng(1)
+  for _ in range(40):
+    deal = [min(int(r), 10) for r in rng.integers(1, 14, 4)]
+    if arith.solve(deal, 24) is None:
+      continue
+    plans = {respond("points24", {"values": list(order), "target": 24, "formula": []})[0][
+        "thoughts"] for order in itertools.permutations(deal)}
+    assert len(plans) == 1  # the same thoughts for every order of the cards
+    (plan,) = plans
+    canonical = E.planned_solution(deal, 24, "+-*/")
+    assert plan == f"Solution: {''.join(canonical)}=24. Next: {canonical[0]}"
+    assert solves(canonical, deal, 24)
+    # no solution has fewer symbols (the canonical order's first key)
+    assert len(canonical) <= len(arith.solve(deal, 24))
+    # "deal" plans arith.solve on the cards in their order
+    text, _ = E.expert_response("points24", {"values": deal, "target": 24, "formula": []}, "deal")
+    assert json.loads(text)["thoughts"].startswith(
+        f"Solution: {''.join(arith.solve(deal, 24))}=24.")
+  # the orders of one multiset that "deal" plans differently, "canonical" alike
+  orders = list(itertools.permutations([1, 5, 7, 10]))
+  assert len({tuple(arith.solve(list(order), 24)) for order in orders}) > 1
+  assert E.planned_solution([10, 7, 5, 1], 24, "+-*/") == E.planned_solution([1, 5, 7, 10], 24,
+                                                                             "+-*/")
+  assert E.planned_solution([1, 1, 1, 1], 24, "+-*/") is None
+  with pytest.raises(ValueError, match="unknown expert plan 'best'.*canonical, deal"):
+    E.expert_response("points24", {"values": [1, 5, 7, 10], "target": 24, "formula": []}, "best")
+
+
 BASIC_STRATEGY = [
     # (player ranks, dealer up-card rank, action, thoughts)
     ([10, 6], 10, "hit", "I have 10, 6: hard 16. Dealer has 10: 10. Hard 13-16 vs 7 to A: hit"),

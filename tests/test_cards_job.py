@@ -83,6 +83,23 @@ def test_bad_games_and_stages_are_config_errors(tmp_path):
     cards_configs.get_config("poker")
 
 
+def test_the_expert_plan_is_checked_in_the_config_and_against_the_saved_data(tmp_path):
+  config = cards_configs.get_config("smoke")
+  assert config.expert.plan == "canonical"
+  config.expert.plan = "best"
+  with pytest.raises(ConfigError, match="config.expert.plan: unknown plan 'best'"):
+    cards_job.run(config, str(tmp_path))
+  # data saved before the option planned by card order: going on with it needs plan=deal
+  config.expert.plan = "canonical"
+  meta = str(tmp_path / "expert" / "points24.json")
+  with pytest.raises(ConfigError, match="points24.json: the expert data plans by 'deal'.*"
+                                        "--config.expert.plan=deal"):
+    cards.check_plan(config, "points24", {"responses": []}, meta)
+  config.expert.plan = "deal"
+  cards.check_plan(config, "points24", {"responses": []}, meta)
+  cards.check_plan(config, "numberline", {"plan": "canonical"}, meta)  # plans nothing
+
+
 def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start():
   base, gpu = cards_configs.get_config("all"), cards_configs.get_config("gpu")
   assert gpu.games == base.games == "numberline,ezpoints,points24,blackjack"

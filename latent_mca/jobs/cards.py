@@ -13,6 +13,7 @@ import dataclasses
 import ml_collections
 from absl import logging
 
+from latent_mca.cards import experts
 from latent_mca.config_schema import ConfigError
 from latent_mca.jobs import pipeline
 from latent_mca.parallel import mesh as mesh_lib
@@ -40,7 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (`latent_mca.training.precision`), as the pipeline's.
   c.mesh = mesh_lib.mesh_config()
   c.precision = precision.precision_config()
-  c.expert = ml_collections.ConfigDict(dict(transitions=2048, num_envs=64))  # per game
+  # per game; plan: the points games' plan in the thoughts, "canonical" (one per multiset
+  # of values) or "deal" (by card order, as results/cards_* were made; `cards.experts`)
+  c.expert = ml_collections.ConfigDict(dict(transitions=2048, num_envs=64, plan="canonical"))
   sft_optimizer = optimizer_config()
   sft_optimizer.update(dict(learning_rate=2e-3, warmup_steps=30, final_fraction=0.05,
                             weight_decay=0.01))
@@ -86,6 +89,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: "
                       f"{', '.join(cards.STAGES)}")
   cards.games(config)  # a bad games list fails before any work
+  if config.expert.plan not in experts.PLANS:
+    raise ConfigError(f"config.expert.plan: unknown plan {config.expert.plan!r}; the plans "
+                      f"are {', '.join(experts.PLANS)}")
   cards.check_reading_config(config)
   metrics = {}
   for stage in stages:

@@ -1,7 +1,8 @@
 """The card games' stages (SPEC section 4): expert data, SFT warm start, PPO in both spaces.
 
   expert      per game, the expert solver plays `expert.transitions` steps in
-              `expert.num_envs` environments; its chain-of-thought responses and the
+              `expert.num_envs` environments, the points games' thoughts planning
+              by `expert.plan` (`cards.experts`); its chain-of-thought responses and the
               states they answer are saved (workdir/expert/<game>.npz, .json). Frames are
               rendered again from the states when batched: rendering is cheap, storing
               300x300 frames is not.
@@ -165,9 +166,20 @@ def expert(config, workdir: str) -> dict:
     if not os.path.isfile(meta):
       _write_expert(config, game, npz, meta)
     info = _json(meta)
+    check_plan(config, game, info, meta)
     out.update({f"expert/{game}/{k}": info[k] for k in ("transitions", "episodes",
                                                         "success_rate")})
   return out
+
+
+def check_plan(config, game: str, info: dict, meta: str) -> None:
+  """ConfigError unless a points game's saved expert data plans as config.expert.plan
+  (data saved before the option planned by "deal")."""
+  saved = info.get("plan", "deal")
+  if game in ("ezpoints", "points24") and saved != config.expert.plan:
+    raise ConfigError(f"{meta}: the expert data plans by {saved!r}, config.expert.plan is "
+                      f"{config.expert.plan!r}; pass --config.expert.plan={saved} to go on "
+                      "with this workdir, or use a new one")
 
 
 def _write_expert(config, game: str, npz: str, meta: str) -> None:
@@ -182,7 +194,7 @@ def _write_expert(config, game: str, npz: str, meta: str) -> None:
     actions = []
     for i in range(n):
       text, action = experts.expert_response(game, env.describe(
-          jax.tree.map(lambda x: x[i], host)))
+          jax.tree.map(lambda x: x[i], host)), config.expert.plan)
       texts.append(text)
       actions.append(env.actions.index(action))
     states.append(host)
@@ -195,7 +207,8 @@ def _write_expert(config, game: str, npz: str, meta: str) -> None:
   tmp = npz + ".tmp.npz"
   np.savez(tmp, *leaves)
   os.replace(tmp, npz)
-  backbone_lib.write_json(meta, {"game": game, "transitions": len(texts),
+  backbone_lib.write_json(meta, {"game": game, "plan": config.expert.plan,
+                                 "transitions": len(texts),
                                  "episodes": len(episodes),
                                  "success_rate": (episodes.success_rate(len(episodes)) / 100
                                                   if len(episodes) else 0.0),
@@ -214,7 +227,9 @@ class ExpertData:
     with np.load(npz) as f:
       leaves = [f[f"arr_{k}"] for k in range(len(f.files))]
     self.states = jax.tree.unflatten(jax.tree.structure(template), leaves)
-    self.texts = _json(meta)["responses"]
+    info = _json(meta)
+    check_plan(config, game, info, meta)
+    self.texts = info["responses"]
     self.observe = jax.jit(jax.vmap(self.env.observe))
 
   def __len__(self) -> int:
