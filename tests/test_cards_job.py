@@ -120,14 +120,21 @@ def test_a_stage_without_its_inputs_names_them(tmp_path):
     cards.sft(config, str(tmp_path))
 
 
-@pytest.mark.slow
-def test_a_longer_ppo_run_resumes_with_its_episodes(smoke_run, tmp_path):
+def _copy_run(smoke_run, tmp_path, space: str, remove: str):
+  """(config, a copy of the smoke workdir, its blackjack ppo_<space> folder, the json
+  `remove` deleted there)."""
   config, workdir, _ = smoke_run
   copy = str(tmp_path / "cards")
   shutil.copytree(workdir, copy)
-  run_dir = os.path.join(copy, "blackjack", "ppo_token")
-  before = json.load(open(os.path.join(run_dir, "result.json")))
-  os.remove(os.path.join(run_dir, "result.json"))
+  run_dir = os.path.join(copy, "blackjack", f"ppo_{space}")
+  removed = json.load(open(os.path.join(run_dir, remove)))
+  os.remove(os.path.join(run_dir, remove))
+  return config, copy, run_dir, removed
+
+
+@pytest.mark.slow
+def test_a_longer_ppo_run_resumes_with_its_episodes(smoke_run, tmp_path):
+  config, copy, run_dir, before = _copy_run(smoke_run, tmp_path, "token", "result.json")
   longer = config.copy_and_resolve_references()
   longer.ppo.num_updates = 3
   result, evaluation = cards._ppo_run(longer, copy, "blackjack", "token")
@@ -144,12 +151,7 @@ def test_a_longer_ppo_run_resumes_with_its_episodes(smoke_run, tmp_path):
 @pytest.mark.slow
 def test_a_trained_run_without_its_evaluation_is_evaluated_from_its_checkpoint(smoke_run,
                                                                                 tmp_path):
-  config, workdir, _ = smoke_run
-  copy = str(tmp_path / "cards")
-  shutil.copytree(workdir, copy)
-  run_dir = os.path.join(copy, "blackjack", "ppo_latent")
-  before = json.load(open(os.path.join(run_dir, "eval.json")))
-  os.remove(os.path.join(run_dir, "eval.json"))
+  config, copy, run_dir, before = _copy_run(smoke_run, tmp_path, "latent", "eval.json")
   trained, evaluation = cards._ppo_run(config, copy, "blackjack", "latent")
   assert evaluation == before  # the same policy, the same keys: the same episodes
   lines = open(os.path.join(run_dir, "metrics.jsonl")).readlines()
