@@ -17,6 +17,12 @@ asked for a formula. Formats of the plan, after the values in card order:
              fewest divisions, then string order);
   sorted     the sorted values written first, then the canonical formula.
 
+With "+episode" (e.g. `deal+episode`) a deal is trained at a random step of its
+episode, the formula typed so far (a prefix of the plan's) in the prompt, as the cards
+job's expert data holds every step of an episode: the plan is then mostly copied from
+the typed formula, and only the first step, nothing typed, asks for it from the values.
+It is scored there, at the first step.
+
 A plan counts when its formula uses each value once and makes 24 (`experts.is_solution`).
 Measured on `--eval` fresh solvable deals drawn as the environment draws them (ranks
 1..13, J Q K worth 10, redrawn until solvable) and on as many deals of the training pool.
@@ -59,6 +65,7 @@ PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SYMBOLS = [str(v) for v in range(1, 11)] + ["+", "-", "*", "/", "(", ")"]
 TOKEN = {s: 4 + i for i, s in enumerate(SYMBOLS)}
 VOCAB = 32  # the ids above, then the model's image/video/vision tokens (unused) at 28..31
+MAX_FORMULA = 15  # the longest formula's symbols
 MAX_PLAN = 24  # the longest plan: 4 sorted values, SEP, a formula of at most 15 symbols, EOS
 
 
@@ -82,18 +89,47 @@ def plan(values: tuple[int, ...], fmt: str) -> tuple[str, ...]:
   return (*[str(v) for v in sorted(values)], "|", *canonical)
 
 
-def encode(values, fmt: str) -> tuple[list[int], int]:
-  """(token ids of the deal and its plan, the plan's first position)."""
+def formula(values: tuple[int, ...], base: str) -> tuple[str, ...]:
+  """The formula of the plan (after the sorted values of "sorted")."""
+  symbols = plan(values, base)
+  return symbols[symbols.index("|") + 1:] if "|" in symbols else symbols
+
+
+def split_format(fmt: str) -> tuple[str, bool]:
+  """(plan format, whether examples come from every step of an episode: "+episode")."""
+  base, _, mode = fmt.partition("+")
+  if base not in FORMATS or mode not in ("", "episode"):
+    raise ValueError(f"unknown plan format {fmt!r}; the formats are {', '.join(FORMATS)}, "
+                     "each alone or with +episode")
+  return base, mode == "episode"
+
+
+def width(fmt: str) -> int:
+  return 6 + MAX_PLAN + (MAX_FORMULA + 1) * split_format(fmt)[1]
+
+
+def encode(values, fmt: str, typed: int = 0) -> tuple[list[int], int]:
+  """(token ids of the deal and its plan, the plan's first position). With +episode the
+  prompt also holds the formula typed so far (the plan's first `typed` symbols) and SEP."""
+  base, episode = split_format(fmt)
+  values = tuple(int(v) for v in values)
   prompt = [BOS, *[TOKEN[str(v)] for v in values], SEP]
-  body = [SEP if s == "|" else TOKEN[s] for s in plan(tuple(int(v) for v in values), fmt)]
+  if episode:
+    prompt += [TOKEN[s] for s in formula(values, base)[:typed]] + [SEP]
+  body = [SEP if s == "|" else TOKEN[s] for s in plan(values, base)]
   return prompt + body + [EOS], len(prompt)
 
 
-def batch(deals: np.ndarray, fmt: str) -> dict:
-  rows = [encode(d, fmt) for d in deals]
-  width = 6 + MAX_PLAN
-  ids = np.full((len(rows), width), PAD, np.int32)
-  weights = np.zeros((len(rows), width), np.float32)
+def batch(deals: np.ndarray, fmt: str, rng: np.random.Generator) -> dict:
+  """A training batch. With +episode each deal is seen at a uniformly random step of its
+  episode (0 .. the formula's length typed), as the expert data holds every step."""
+  base, episode = split_format(fmt)
+  rows = []
+  for d in deals:
+    n = len(formula(tuple(int(v) for v in d), base))
+    rows.append(encode(d, fmt, int(rng.integers(0, n + 1)) if episode else 0))
+  ids = np.full((len(rows), width(fmt)), PAD, np.int32)
+  weights = np.zeros((len(rows), width(fmt)), np.float32)
   for i, (tokens, start) in enumerate(rows):
     ids[i, :len(tokens)] = tokens
     weights[i, start - 1:len(tokens) - 1] = 1.0  # predicts tokens[start:]
@@ -135,7 +171,7 @@ def train_and_score(model, cfg, pool: np.ndarray, fresh: np.ndarray, fmt: str,
   rng = np.random.default_rng([seed, len(pool)])
   losses = []
   for _ in tqdm(range(_STEPS.value), desc=f"{fmt}, {len(pool)} deals", leave=False):
-    b = batch(pool[rng.integers(0, len(pool), _BATCH.value)], fmt)
+    b = batch(pool[rng.integers(0, len(pool), _BATCH.value)], fmt, rng)
     params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(v) for k, v in b.items()})
     losses.append(float(loss))
   seen = {tuple(sorted(d)) for d in pool}
@@ -154,9 +190,9 @@ def train_and_score(model, cfg, pool: np.ndarray, fresh: np.ndarray, fmt: str,
 
 def score(model, params, deals: np.ndarray, fmt: str) -> np.ndarray:
   """Whether the greedy plan of each deal ends in a formula that solves it."""
-  width = 6 + MAX_PLAN
-  ids = np.full((len(deals), width), PAD, np.int32)
-  ids[:, :6] = [[BOS, *[TOKEN[str(v)] for v in d], SEP] for d in deals]
+  prompt = 6 + split_format(fmt)[1]  # +episode: nothing typed yet, then SEP
+  ids = np.full((len(deals), width(fmt)), PAD, np.int32)
+  ids[:, :prompt] = [[BOS, *[TOKEN[str(v)] for v in d], *[SEP] * (prompt - 5)] for d in deals]
 
   @jax.jit
   def next_token(ids, t):
@@ -164,13 +200,13 @@ def score(model, params, deals: np.ndarray, fmt: str) -> np.ndarray:
     return jnp.argmax(logits[:, t - 1], -1)
 
   done = np.zeros(len(deals), bool)
-  for t in range(6, width):
+  for t in range(prompt, width(fmt)):
     token = np.asarray(next_token(jnp.asarray(ids), t))
     ids[:, t] = np.where(done, PAD, token)
     done |= token == EOS
   names = {v: k for k, v in TOKEN.items()}
   wins = []
-  for d, row in zip(deals, ids[:, 6:]):
+  for d, row in zip(deals, ids[:, prompt:]):
     symbols = []
     for token in row:
       if token == EOS or token == PAD:
@@ -190,8 +226,7 @@ def main(argv):
   for n in map(int, _DEALS.value):
     pool = draw_deals(np.random.default_rng([_SEED.value, n]), n)
     for fmt in _FORMATS.value:
-      if fmt not in FORMATS:
-        raise ValueError(f"unknown plan format {fmt!r}; the formats are {', '.join(FORMATS)}")
+      split_format(fmt)
       start = time.time()
       result = train_and_score(model, cfg, pool, fresh, fmt, _SEED.value)
       result["seconds"] = round(time.time() - start, 1)
