@@ -744,9 +744,9 @@ def _rollout_steps(actor: Actor, params, extra, obs, env_state, steps: int, rng,
 
 def evaluate(actor: Actor, params, extra, path: str, label: str, **fields) -> dict:
   """Plays actor's game with (params, extra) in `eval.num_envs` fresh environments until
-  `window` episodes count (`Episodes`), acting as in training (the PPO temperature), `label`
-  naming the policy on the progress bar; writes path (json) and returns {success_rate, episodes, window, counted, random_action_rate,
-  **fields}.
+  `window` episodes count (`Episodes`), acting as in training (the PPO temperature),
+  `label` naming the policy on the progress bar; writes path (json) and returns
+  {success_rate, episodes, window, counted, random_action_rate, **fields}.
 
   Every policy is evaluated from the same keys (the seed's), so the warm start and its PPO
   runs begin on the same deals."""
