@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from latent_mca.cards.envs import POINTS_GAMES
 from latent_mca.cards.grounding import plan_solves, planned, restated, truth
 from latent_mca.rl import rollout as rollout_lib
 from latent_mca.stages import backbone as backbone_lib
@@ -45,7 +46,7 @@ def measure(game: str, params, extra, actor) -> dict:
   true = [truth(game, view) for view in views]
   common = collections.Counter(s for s in said if s is not None).most_common(1)
   plans = {}
-  if game in ("ezpoints", "points24"):
+  if game in POINTS_GAMES:
     target = views[0]["target"]
     plan = [planned(t) for t in texts]
     plans = {"plan_solves_deal": float(np.mean([plan_solves(p, t, target)

@@ -510,7 +510,7 @@ def test_batched_reset_step_autoreset_equal_unbatched(game):
   # Keys from host data: no eager JAX op (and compilation) per key.
   key_data = rng.integers(0, 2 ** 32, (n, 3, 2), np.uint32)
   actions = rng.integers(0, env.num_actions, (n, 2)).astype(np.int32)
-  if game in ("ezpoints", "points24"):
+  if game in envs.POINTS_GAMES:
     actions[::2, 1] = env.actions.index("=")  # half the episodes end at the second step
   batched = jax.device_get(jit(jax.vmap(functools.partial(_rollout, env)))(
       jax.random.wrap_key_data(key_data), actions))

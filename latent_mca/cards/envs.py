@@ -69,6 +69,7 @@ from latent_mca.cards import arith, render
 from latent_mca.cards.render import SYMBOLS
 
 GAMES = ("numberline", "ezpoints", "points24", "blackjack")
+POINTS_GAMES = ("ezpoints", "points24")  # a formula of the cards makes a target
 NUMBERS = SYMBOLS[:arith.MAX_NUMBER]  # "1".."10"
 ACTIONS = {
     "numberline": ("-", "+"),

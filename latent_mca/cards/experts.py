@@ -67,11 +67,11 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 from latent_mca.cards import arith
-from latent_mca.cards.envs import GAMES
+from latent_mca.cards.envs import ACTIONS, GAMES, POINTS_GAMES
 from latent_mca.cards.prompts import RESPONSE_KEYS, format_response
 
 _RANK_NAMES = {1: "A", 11: "J", 12: "Q", 13: "K"}
-_OPERATORS = {"ezpoints": "+*", "points24": "+-*/"}
+_OPERATORS = {game: "".join(a for a in ACTIONS[game] if a in "+-*/") for game in POINTS_GAMES}
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 _ATOM = 3  # a number's precedence: never needs parentheses
 PLANS = ("canonical", "deal")  # the points games' plans (the module's docstring)

@@ -12,6 +12,7 @@ import json
 import re
 
 from latent_mca.cards import experts
+from latent_mca.cards.envs import POINTS_GAMES
 
 
 def restated(game: str, text: str):
@@ -25,7 +26,7 @@ def restated(game: str, text: str):
   try:
     if game == "numberline":
       return int(fields["current number"]), int(fields["target number"])
-    if game in ("ezpoints", "points24"):
+    if game in POINTS_GAMES:
       return tuple(sorted(int(v) for v in fields["cards"]))
   except (KeyError, TypeError, ValueError):
     return None

@@ -176,7 +176,7 @@ def check_plan(config, game: str, info: dict, meta: str) -> None:
   """ConfigError unless a points game's saved expert data plans as config.expert.plan
   (data saved before the option planned by "deal")."""
   saved = info.get("plan", "deal")
-  if game in ("ezpoints", "points24") and saved != config.expert.plan:
+  if game in envs_lib.POINTS_GAMES and saved != config.expert.plan:
     raise ConfigError(f"{meta}: the expert data plans by {saved!r}, config.expert.plan is "
                       f"{config.expert.plan!r}; pass --config.expert.plan={saved} to go on "
                       "with this workdir, or use a new one")
