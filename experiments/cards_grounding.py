@@ -1,17 +1,27 @@
 r"""Does the card agent read its frame? The numbers it writes against the state, per game.
 
   python -m experiments.cards_grounding --config configs/cards.py:all \
-      --workdir workdirs/cards [--envs 128]
+      --workdir workdirs/cards [--envs 128] [--chunk 64]
 
 For each game of the cards job in WORKDIR, the warm start (`sft`) and each finished PPO
-run act once on `--envs` fresh deals (temperature as in training). The response's
-fields that restate the frame are compared with the true state: NumberLine's
-"current number" and "target number", the points games' "cards" (as a multiset of
-values). Alongside: how often the response restates the most frequent answer, which is
-what a policy ignoring the image writes. For the points games, the plan too: whether the
-"Solution: F=T" the thoughts begin with is a solution of the deal (each card's value used
-once, F equal to the target), and whether it is one of the cards the response restated
-(its arithmetic, whatever it read). Writes WORKDIR/cards_grounding.{md,json}.
+run act once on `--envs` fresh deals (temperature as in training), `--chunk` at a time.
+The response's fields that restate the frame are compared with the true state:
+NumberLine's "current number" and "target number", the points games' "cards" (as a
+multiset of values), Blackjack's hand and the dealer's up-card as its thoughts name
+them. Alongside: how often the response restates the most frequent answer, which is what
+a policy ignoring the image writes.
+
+For the points games, the plan too: whether the "Solution: F=T" the thoughts begin with
+is a solution of the deal (each card's value used once, F equal to the target), and
+whether it is one of the cards the response restated (its arithmetic, whatever it read).
+
+For NumberLine and Blackjack, where one action is right: how often the response restates
+what the expert's action rests on (Blackjack's total, whether it is soft, and the
+up-card's value: a 10 read as a king is no error there), how often the action played is
+the expert's for the true state, and how often it is the expert's for the state the
+response restated (the decision, whatever it read).
+
+Writes WORKDIR/cards_grounding.{md,json}.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from latent_mca.cards.envs import POINTS_GAMES
-from latent_mca.cards.grounding import plan_solves, planned, restated, truth
+from latent_mca.cards.grounding import (decided_on, expert_action, plan_solves, planned,
+                                        read_action, restated, truth)
 from latent_mca.rl import rollout as rollout_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
@@ -35,14 +46,28 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cards.py:all", "The cards config the workdir was run with.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The cards job's workdir.", required=True)
 _ENVS = flags.DEFINE_integer("envs", 128, "Fresh deals per game and policy.")
+_CHUNK = flags.DEFINE_integer(
+    "chunk", 64, "Deals generated at once (memory: the rollout holds a chunk's logits).")
 
 
-def measure(game: str, params, extra, actor) -> dict:
-  obs, state = actor.reset(jax.random.key(12345), _ENVS.value)
-  _, _, _, texts = actor.act(params, extra, obs, jax.random.key(1), np.random.default_rng(0))
+def _act(params, extra, actor, chunk: int, size: int):
+  """(texts, actions played, state views) of one chunk of fresh deals."""
+  obs, state = actor.reset(jax.random.key(12345 + chunk), size)
+  _, index, _, texts = actor.act(params, extra, obs, jax.random.key(1 + chunk),
+                                 np.random.default_rng(chunk))
   host = jax.device_get(state)
+  views = [actor.env.describe(jax.tree.map(lambda x: x[i], host)) for i in range(size)]
+  return texts, [actor.env.actions[i] for i in index], views
+
+
+def measure(game: str, params, extra, actor, envs: int, chunk_size: int) -> dict:
+  """One game's row: a policy's first step on `envs` fresh deals, `chunk_size` at a time."""
+  texts, played, views = [], [], []
+  for chunk, start in enumerate(range(0, envs, chunk_size)):
+    out = _act(params, extra, actor, chunk, min(chunk_size, envs - start))
+    for acc, part in zip((texts, played, views), out):
+      acc.extend(part)
   said = [restated(game, t) for t in texts]
-  views = [actor.env.describe(jax.tree.map(lambda x: x[i], host)) for i in range(len(texts))]
   true = [truth(game, view) for view in views]
   common = collections.Counter(s for s in said if s is not None).most_common(1)
   plans = {}
@@ -53,22 +78,27 @@ def measure(game: str, params, extra, actor) -> dict:
                                                 for p, t in zip(plan, true)])),
              "plan_solves_restated": float(np.mean([plan_solves(p, s, target)
                                                     for p, s in zip(plan, said)]))}
+  actions = {}
+  if expert_action(game, views[0]) is not None:
+    actions = {"reads_decided_on": float(np.mean([decided_on(game, s) == decided_on(game, t)
+                                                  for s, t in zip(said, true)])),
+               "expert_action": float(np.mean([a == expert_action(game, v)
+                                               for a, v in zip(played, views)])),
+               "expert_action_for_read": float(np.mean([a == read_action(game, s)
+                                                        for a, s in zip(played, said)]))}
   return {"correct": float(np.mean([s == t for s, t in zip(said, true)])),
           **plans,
+          **actions,
           "parsed": float(np.mean([s is not None for s in said])),
           "most_common": str(common[0][0]) if common else None,
           "most_common_share": common[0][1] / len(said) if common else 0.0,
           "deals": len(said)}
 
 
-def main(argv):
-  del argv
-  workdir = _WORKDIR.value
-  config = _CONFIG.value
+def measure_workdir(config, workdir: str, envs: int, chunk_size: int) -> dict:
+  """{"<game>/<policy>": `measure`'s row} for the warm start and each finished PPO run."""
   rows = {}
   for game in cards.games(config):
-    if game == "blackjack":
-      continue  # its responses restate totals, not a checkable reading of every card
     for label, space, stage in (("sft", rollout_lib.TOKEN, None),
                                 ("ppo_token", rollout_lib.TOKEN, "ppo_token"),
                                 ("ppo_latent", rollout_lib.LATENT, "ppo_latent")):
@@ -81,18 +111,29 @@ def main(argv):
         abstract = jax.eval_shape(lambda: (params, extra))
         loaded = checkpoint.load_final(stage_dir, {"params": abstract[0], "extra": abstract[1]})
         params, extra = loaded["params"], loaded["extra"]
-      rows[f"{game}/{label}"] = measure(game, params, extra, actor)
+      rows[f"{game}/{label}"] = measure(game, params, extra, actor, envs, chunk_size)
+  return rows
+
+
+def main(argv):
+  del argv
+  workdir = _WORKDIR.value
+  rows = measure_workdir(_CONFIG.value, workdir, _ENVS.value, _CHUNK.value)
   lines = ["# Do the card agents read their frames?", "",
            f"`python -m experiments.cards_grounding --workdir {workdir}`: one step on "
            f"{_ENVS.value} fresh deals per game and policy.", "",
            "| game / policy | restates the frame correctly | parses | most common restatement "
-           "| its share | plan solves the deal | plan solves the restated cards |",
-           "|---|---:|---:|---|---:|---:|---:|"]
+           "| its share | plan solves the deal | plan solves the restated cards "
+           "| restates what the action rests on | the expert's action "
+           "| the expert's action for what it restated |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
   pct = lambda r, key: f"{100 * r[key]:.1f}%" if key in r else "n/a"
   for name, r in rows.items():
     lines.append(f"| {name} | {pct(r, 'correct')} | {pct(r, 'parsed')} | {r['most_common']} | "
                  f"{pct(r, 'most_common_share')} | {pct(r, 'plan_solves_deal')} | "
-                 f"{pct(r, 'plan_solves_restated')} |")
+                 f"{pct(r, 'plan_solves_restated')} | {pct(r, 'reads_decided_on')} | "
+                 f"{pct(r, 'expert_action')} | "
+                 f"{pct(r, 'expert_action_for_read')} |")
   with open(os.path.join(workdir, "cards_grounding.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   backbone_lib.write_json(os.path.join(workdir, "cards_grounding.json"), rows)

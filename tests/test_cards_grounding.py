@@ -58,3 +58,49 @@ def test_plans_that_do_not_solve():
   assert not grounding.plan_solves(None, cards, 24)
   assert not grounding.plan_solves(grounding.planned(response("Solution: 8/2+10+10=24")),
                                    None, 24)
+
+
+def _blackjack_view(player, up):
+  return {"player": [(rank, 0) for rank in player], "dealer": [(up, 1), (5, 2)]}
+
+
+def test_blackjack_restatement_and_actions_against_basic_strategy():
+  view = _blackjack_view((1, 13), 12)  # A K (soft 21) against a queen
+  text, action = experts.expert_response("blackjack", view)
+  assert grounding.restated("blackjack", text) == grounding.truth("blackjack", view) == (
+      ("A", "K"), "Q")
+  assert grounding.expert_action("blackjack", view) == action == "stand"
+  # hard 12: hit against a 10, stand against a 5 (basic strategy)
+  hit = _blackjack_view((10, 2), 10)
+  assert grounding.expert_action("blackjack", hit) == "hit"
+  misread = json.dumps({"thoughts": "I have 10, 2: hard 12. Dealer has 5: 5. Hard 12 vs 4-6: "
+                                    "stand", "action": "stand"})
+  said = grounding.restated("blackjack", misread)
+  assert said == (("10", "2"), "5") != grounding.truth("blackjack", hit)
+  assert grounding.read_action("blackjack", said) == "stand"  # right for what it read
+  # what the decision rests on: the total, softness and up-card value, not the card names
+  assert grounding.decided_on("blackjack", (("A", "6"), "K")) == (17, True, 10)
+  assert grounding.decided_on("blackjack", (("A", "6"), "10")) == (17, True, 10)
+  assert grounding.decided_on("blackjack", (("J", "7"), "A")) == (17, False, 11)
+  assert grounding.decided_on("blackjack", (("A", "A", "K"), "2")) == (12, False, 2)
+  assert grounding.decided_on("blackjack", (("X", "7"), "A")) is None
+  assert grounding.decided_on("blackjack", None) is None
+  # names no card has, a bust hand, no restatement: no action
+  assert grounding.read_action("blackjack", (("1", "2"), "5")) is None
+  assert grounding.read_action("blackjack", (("K", "Q", "5"), "5")) is None
+  assert grounding.read_action("blackjack", None) is None
+  for thoughts in ("I have 10, 2.", 7, ""):
+    assert grounding.restated("blackjack", json.dumps({"thoughts": thoughts,
+                                                       "action": "hit"})) is None
+
+
+def test_numberline_actions_and_games_without_one_right_action():
+  view = {"current": 3, "target": 7}
+  assert grounding.expert_action("numberline", view) == "+"
+  assert grounding.read_action("numberline", (9, 7)) == "-"
+  assert grounding.read_action("numberline", (7, 7)) is None  # at the target: no step
+  points = _view((8, 2, 10, 10), 24)
+  assert grounding.expert_action("points24", points) is None
+  assert grounding.read_action("points24", (2, 8, 10, 10)) is None
+  assert grounding.decided_on("numberline", (9, 7)) == (9, 7)
+  assert grounding.decided_on("points24", (2, 8, 10, 10)) is None

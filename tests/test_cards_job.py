@@ -162,3 +162,19 @@ def test_a_trained_run_without_its_evaluation_is_evaluated_from_its_checkpoint(s
   with pytest.raises(ValueError, match="ppo_latent/result.json reports 2 updates"):
     cards._ppo_run(config, copy, "blackjack", "latent")
   assert json.load(open(os.path.join(run_dir, "result.json"))) == trained
+
+
+@pytest.mark.slow
+def test_the_grounding_experiment_measures_each_policy_in_chunks(smoke_run):
+  from experiments import cards_grounding
+
+  config, workdir, _ = smoke_run
+  rows = cards_grounding.measure_workdir(config, workdir, envs=5, chunk_size=2)
+  assert set(rows) == {"blackjack/sft", "blackjack/ppo_token", "blackjack/ppo_latent"}
+  for row in rows.values():
+    assert row["deals"] == 5  # chunks of 2, 2 and 1
+    for key in ("correct", "parsed", "reads_decided_on", "expert_action",
+                "expert_action_for_read"):
+      share = row[key] * 5  # of 5 deals
+      assert 0 <= share <= 5 and abs(share - round(share)) < 1e-9, (key, row)
+    assert "plan_solves_deal" not in row

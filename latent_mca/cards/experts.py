@@ -264,15 +264,20 @@ def basic_strategy(total: int, soft: bool, dealer_value: int) -> tuple[str, str]
   return "stand", "Hard 17 or more"
 
 
-def _blackjack(view: Mapping) -> dict:
-  ranks = [int(rank) for rank, _ in view["player"]]
+def hand_state(ranks: Sequence[int], up: int) -> tuple[int, bool, int]:
+  """What basic strategy decides on: (the player's best total, whether an ace counts 11 in
+  it, the dealer's up-card value 2..11) for the player's card ranks and the up-card's."""
   hard = sum(min(rank, 10) for rank in ranks)
   soft = 1 in ranks and hard + 10 <= 21
-  total = hard + 10 if soft else hard
+  return (hard + 10 if soft else hard), soft, (11 if up == 1 else min(up, 10))
+
+
+def _blackjack(view: Mapping) -> dict:
+  ranks = [int(rank) for rank, _ in view["player"]]
+  up = int(view["dealer"][0][0])
+  total, soft, dealer_value = hand_state(ranks, up)
   if total > 21:
     raise ValueError(f"the player's hand {ranks} is bust ({total}): the episode is over")
-  up = int(view["dealer"][0][0])
-  dealer_value = 11 if up == 1 else min(up, 10)
   action, rule = basic_strategy(total, soft, dealer_value)
   hand = ", ".join(card_name(rank) for rank in ranks)
   thoughts = (f"I have {hand}: {'soft' if soft else 'hard'} {total}. "

@@ -1,9 +1,13 @@
 """What a card agent's response says about its frame, checked against the state.
 
 The pure half of `experiments/cards_grounding.py`: the response's restatement of the
-frame (NumberLine's two numbers, the points games' cards as a multiset of values), the
-true state's, and the points games' plan ("Solution: F=T" in the thoughts) checked as a
-solution of a deal.
+frame (NumberLine's two numbers, the points games' cards as a multiset of values,
+Blackjack's hand and the dealer's up-card as the thoughts name them), the true state's,
+the points games' plan ("Solution: F=T" in the thoughts) checked as a solution of a
+deal, and, where one action is right (NumberLine, Blackjack), the expert's action for
+the true state and for the state the response restated: a wrong action for what was read
+right is a wrong decision, a right action for what was misread a reading error made
+good by chance.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ from latent_mca.cards.envs import POINTS_GAMES
 
 
 def restated(game: str, text: str):
-  """What the response says the frame shows (a hashable), or None if it does not parse."""
+  """What the response says the frame shows (a hashable), or None if it does not parse.
+
+  NumberLine: (current, target); the points games: the cards' values, sorted; Blackjack:
+  ((the player's cards in order), the dealer's up-card), as card names ("A", "2".."10",
+  "J", "Q", "K").
+  """
   try:
     fields = json.loads(text)
   except (json.JSONDecodeError, TypeError):
@@ -28,11 +37,15 @@ def restated(game: str, text: str):
       return int(fields["current number"]), int(fields["target number"])
     if game in POINTS_GAMES:
       return tuple(sorted(int(v) for v in fields["cards"]))
+    if game == "blackjack":
+      match = _HAND.match(fields["thoughts"])
+      return None if match is None else (tuple(match.group(1).split(", ")), match.group(2))
   except (KeyError, TypeError, ValueError):
     return None
   return None
 
 
+_HAND = re.compile(r"I have ([^:]+): (?:soft|hard) \d+\. Dealer has ([^:]+):")
 _PLAN = re.compile(r"Solution: ([0-9()+\-*/]+)=(\d+)")
 
 
@@ -58,4 +71,53 @@ def truth(game: str, view: dict):
   """`restated`'s form of the true state (`CardEnv.describe`'s view)."""
   if game == "numberline":
     return view["current"], view["target"]
+  if game == "blackjack":
+    return (tuple(experts.card_name(rank) for rank, _ in view["player"]),
+            experts.card_name(view["dealer"][0][0]))
   return tuple(sorted(view["values"]))
+
+
+# The points games' deals have many plans, so their expert's action is not the only right one.
+_ONE_RIGHT_ACTION = ("numberline", "blackjack")
+_RANKS = {experts.card_name(rank): rank for rank in range(1, 14)}
+
+
+def expert_action(game: str, view: dict) -> str | None:
+  """The expert's action for a state (`CardEnv.describe`'s view) where it is the only right
+  one (NumberLine, Blackjack's basic strategy), else None."""
+  return experts.expert_response(game, view)[1] if game in _ONE_RIGHT_ACTION else None
+
+
+def decided_on(game: str, said):
+  """What the expert's action depends on, of a `restated` state: NumberLine's two numbers,
+  Blackjack's `experts.hand_state` (a 10 is a king there); None for the points games, an
+  unknown card name or no restatement."""
+  if said is None or game not in _ONE_RIGHT_ACTION:
+    return None
+  if game == "numberline":
+    return said
+  try:
+    return experts.hand_state([_rank(name) for name in said[0]], _rank(said[1]))
+  except ValueError:
+    return None
+
+
+def read_action(game: str, said) -> str | None:
+  """The expert's action for the state a response restated (`restated`'s form), or None
+  (no restatement, a state no episode is in, or a game without one right action)."""
+  if said is None or game not in _ONE_RIGHT_ACTION:
+    return None
+  try:
+    if game == "numberline":
+      view = {"current": said[0], "target": said[1]}
+    else:
+      view = {"player": [(_rank(name), 0) for name in said[0]], "dealer": [(_rank(said[1]), 0)]}
+    return experts.expert_response(game, view)[1]
+  except ValueError:  # an unknown card name, NumberLine at its target, a bust hand
+    return None
+
+
+def _rank(name: str) -> int:
+  if name not in _RANKS:
+    raise ValueError(f"no card is named {name!r}")
+  return _RANKS[name]
