@@ -192,6 +192,8 @@ def test_solve_finds_exact_formulas_using_each_value_once():
   assert arith.solve([3, 4], 12, operators="+*") == ["3", "*", "4"]
   assert arith.solve([6, 6], 12, operators="+*") == ["6", "+", "6"]
   assert arith.solve([24, 2], 12, operators="+*") is None
+  # NumPy integers (a deal read off a state) are values like any other
+  assert arith.solve(list(np.array([3, 3, 8, 8])), np.int64(24)) == arith.solve([3, 3, 8, 8], 24)
 
 
 def test_solvable_table_is_fast_and_right():

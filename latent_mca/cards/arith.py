@@ -298,7 +298,7 @@ def solve(values: Sequence[int], target: int, operators: str = "+-*/") -> list[s
   """
   if not values:
     return None
-  target = fractions.Fraction(target)
+  target = fractions.Fraction(int(target))  # int(): NumPy integers hash apart from Fractions
   prune = set(operators) == set(OPERATORS)
   failed = set()
 
@@ -318,7 +318,7 @@ def solve(values: Sequence[int], target: int, operators: str = "+-*/") -> list[s
     failed.add(key)
     return None
 
-  tree = search([(fractions.Fraction(v), int(v)) for v in values])
+  tree = search([(fractions.Fraction(int(v)), int(v)) for v in values])
   return None if tree is None else _symbols(tree)
 
 
