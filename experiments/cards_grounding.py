@@ -13,7 +13,9 @@ a policy ignoring the image writes.
 
 For the points games, the plan too: whether the "Solution: F=T" the thoughts begin with
 is a solution of the deal (each card's value used once, F equal to the target), and
-whether it is one of the cards the response restated (its arithmetic, whatever it read).
+whether it is one of the cards the response restated (its arithmetic, whatever it read);
+whether the response restates the formula line (empty at a deal's first step), and
+whether the action played is the symbol its thoughts name next ("Next: S").
 
 For NumberLine and Blackjack, where one action is right: how often the response restates
 what the expert's action rests on (Blackjack's total, whether it is soft, and the
@@ -21,7 +23,7 @@ up-card's value: a 10 read as a king is no error there), how often the action pl
 the expert's for the true state, and how often it is the expert's for the state the
 response restated (the decision, whatever it read).
 
-Writes WORKDIR/cards_grounding.{md,json}.
+Writes WORKDIR/cards_grounding.{md,json} (the JSON with a few responses per row).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from latent_mca.cards.envs import POINTS_GAMES
-from latent_mca.cards.grounding import (decided_on, expert_action, plan_solves, planned,
-                                        read_action, restated, truth)
+from latent_mca.cards.grounding import (decided_on, expert_action, formula_line, next_symbol,
+                                        plan_solves, planned, read_action, restated, truth)
 from latent_mca.rl import rollout as rollout_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
@@ -48,6 +50,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The cards job's workdir.", requ
 _ENVS = flags.DEFINE_integer("envs", 128, "Fresh deals per game and policy.")
 _CHUNK = flags.DEFINE_integer(
     "chunk", 64, "Deals generated at once (memory: the rollout holds a chunk's logits).")
+
+
+_EXAMPLES = 4  # responses kept in the JSON per row, beside the true state
 
 
 def _act(params, extra, actor, chunk: int, size: int):
@@ -77,7 +82,10 @@ def measure(game: str, params, extra, actor, envs: int, chunk_size: int) -> dict
     plans = {"plan_solves_deal": float(np.mean([plan_solves(p, t, target)
                                                 for p, t in zip(plan, true)])),
              "plan_solves_restated": float(np.mean([plan_solves(p, s, target)
-                                                    for p, s in zip(plan, said)]))}
+                                                    for p, s in zip(plan, said)])),
+             "formula_correct": float(np.mean([formula_line(t) == "".join(v["formula"])
+                                               for t, v in zip(texts, views)])),
+             "plays_next": float(np.mean([a == next_symbol(t) for a, t in zip(played, texts)]))}
   actions = {}
   if expert_action(game, views[0]) is not None:
     actions = {"reads_decided_on": float(np.mean([decided_on(game, s) == decided_on(game, t)
@@ -92,7 +100,8 @@ def measure(game: str, params, extra, actor, envs: int, chunk_size: int) -> dict
           "parsed": float(np.mean([s is not None for s in said])),
           "most_common": str(common[0][0]) if common else None,
           "most_common_share": common[0][1] / len(said) if common else 0.0,
-          "deals": len(said)}
+          "deals": len(said),
+          "examples": [{"response": t, "true": str(v)} for t, v in zip(texts[:_EXAMPLES], true)]}
 
 
 def measure_workdir(config, workdir: str, envs: int, chunk_size: int) -> dict:
@@ -115,25 +124,39 @@ def measure_workdir(config, workdir: str, envs: int, chunk_size: int) -> dict:
   return rows
 
 
+def _table(rows: dict, title: str, columns) -> list[str]:
+  """A markdown table of `rows`, (header, key) per column: shares as %, "n/a" where a
+  game has no such measure."""
+  def cell(row, key):
+    if key not in row:
+      return "n/a"
+    return f"{100 * row[key]:.1f}%" if isinstance(row[key], float) else str(row[key])
+
+  lines = [f"## {title}", "", "| game / policy | " + " | ".join(h for h, _ in columns) + " |",
+           "|---|" + "".join("---|" if key == "most_common" else "---:|" for _, key in columns)]
+  lines += [f"| {name} | " + " | ".join(cell(row, key) for _, key in columns) + " |"
+            for name, row in rows.items()]
+  return lines + [""]
+
+
 def main(argv):
   del argv
   workdir = _WORKDIR.value
   rows = measure_workdir(_CONFIG.value, workdir, _ENVS.value, _CHUNK.value)
   lines = ["# Do the card agents read their frames?", "",
            f"`python -m experiments.cards_grounding --workdir {workdir}`: one step on "
-           f"{_ENVS.value} fresh deals per game and policy.", "",
-           "| game / policy | restates the frame correctly | parses | most common restatement "
-           "| its share | plan solves the deal | plan solves the restated cards "
-           "| restates what the action rests on | the expert's action "
-           "| the expert's action for what it restated |",
-           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-  pct = lambda r, key: f"{100 * r[key]:.1f}%" if key in r else "n/a"
-  for name, r in rows.items():
-    lines.append(f"| {name} | {pct(r, 'correct')} | {pct(r, 'parsed')} | {r['most_common']} | "
-                 f"{pct(r, 'most_common_share')} | {pct(r, 'plan_solves_deal')} | "
-                 f"{pct(r, 'plan_solves_restated')} | {pct(r, 'reads_decided_on')} | "
-                 f"{pct(r, 'expert_action')} | "
-                 f"{pct(r, 'expert_action_for_read')} |")
+           f"{_ENVS.value} fresh deals per game and policy.", ""]
+  lines += _table(rows, "What the response restates", (
+      ("restates the frame correctly", "correct"), ("parses", "parsed"),
+      ("most common restatement", "most_common"), ("its share", "most_common_share"),
+      ("restates the formula line", "formula_correct"),
+      ("restates what the action rests on", "reads_decided_on")))
+  lines += _table(rows, "What it plans and plays", (
+      ("plan solves the deal", "plan_solves_deal"),
+      ("plan solves the restated cards", "plan_solves_restated"),
+      ("plays the symbol its thoughts name next", "plays_next"),
+      ("the expert's action", "expert_action"),
+      ("the expert's action for what it restated", "expert_action_for_read")))
   with open(os.path.join(workdir, "cards_grounding.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   backbone_lib.write_json(os.path.join(workdir, "cards_grounding.json"), rows)

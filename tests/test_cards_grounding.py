@@ -104,3 +104,22 @@ def test_numberline_actions_and_games_without_one_right_action():
   assert grounding.read_action("points24", (2, 8, 10, 10)) is None
   assert grounding.decided_on("numberline", (9, 7)) == (9, 7)
   assert grounding.decided_on("points24", (2, 8, 10, 10)) is None
+
+
+def test_formula_line_and_next_symbol_of_the_points_games():
+  view = _view((2, 9, 6, 3), 24, formula=("6", "*"))
+  text, action = experts.expert_response("points24", view)
+  assert grounding.formula_line(text) == "6*"
+  assert grounding.next_symbol(text) == action
+  done = _view((2, 10), 12, formula=("2", "+", "10"))
+  text, action = experts.expert_response("ezpoints", done)
+  assert grounding.next_symbol(text) == action == "="
+  # a formula in progress the frame does not show, a next symbol the action ignores
+  made_up = json.dumps({"cards": [5, 5, 5, 7], "current formula": "(5+4",
+                        "thoughts": "Solution: (5+5-(7-5)=24. Next: *", "action": "-"})
+  assert grounding.formula_line(made_up) == "(5+4"
+  assert grounding.next_symbol(made_up) == "*"
+  for text in ("not json", json.dumps({"current formula": 3, "thoughts": ["Next: 3"]}),
+               json.dumps({"thoughts": "Solution: 2*6=12."})):
+    assert grounding.formula_line(text) is None
+    assert grounding.next_symbol(text) is None

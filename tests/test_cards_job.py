@@ -178,3 +178,5 @@ def test_the_grounding_experiment_measures_each_policy_in_chunks(smoke_run):
       share = row[key] * 5  # of 5 deals
       assert 0 <= share <= 5 and abs(share - round(share)) < 1e-9, (key, row)
     assert "plan_solves_deal" not in row
+    examples = row["examples"]  # the first deals' responses, beside their true states
+    assert len(examples) == 4 and all(isinstance(e["response"], str) for e in examples)

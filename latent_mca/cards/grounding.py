@@ -4,7 +4,7 @@ The pure half of `experiments/cards_grounding.py`: the response's restatement of
 frame (NumberLine's two numbers, the points games' cards as a multiset of values,
 Blackjack's hand and the dealer's up-card as the thoughts name them), the true state's,
 the points games' plan ("Solution: F=T" in the thoughts) checked as a solution of a
-deal, and, where one action is right (NumberLine, Blackjack), the expert's action for
+deal (with the formula line restated and the symbol it names next), and, where one action is right (NumberLine, Blackjack), the expert's action for
 the true state and for the state the response restated: a wrong action for what was read
 right is a wrong decision, a right action for what was misread a reading error made
 good by chance.
@@ -47,6 +47,7 @@ def restated(game: str, text: str):
 
 _HAND = re.compile(r"I have ([^:]+): (?:soft|hard) \d+\. Dealer has ([^:]+):")
 _PLAN = re.compile(r"Solution: ([0-9()+\-*/]+)=(\d+)")
+_NEXT = re.compile(r"Next: (\S+)$")
 
 
 def planned(text: str) -> tuple[list[str], int] | None:
@@ -59,6 +60,25 @@ def planned(text: str) -> tuple[list[str], int] | None:
   if match is None:
     return None
   return re.findall(r"\d+|[()+\-*/]", match.group(1)), int(match.group(2))
+
+
+def formula_line(text: str) -> str | None:
+  """The points games' "current formula" a response restates, or None."""
+  try:
+    formula = json.loads(text)["current formula"]
+  except (json.JSONDecodeError, TypeError, KeyError):
+    return None
+  return formula if isinstance(formula, str) else None
+
+
+def next_symbol(text: str) -> str | None:
+  """The symbol the thoughts name as the next to type ("... Next: S"), or None."""
+  try:
+    thoughts = json.loads(text)["thoughts"]
+  except (json.JSONDecodeError, TypeError, KeyError):
+    return None
+  match = _NEXT.search(thoughts) if isinstance(thoughts, str) else None
+  return None if match is None else match.group(1)
 
 
 def plan_solves(plan, values, target: int) -> bool:
