@@ -2,12 +2,12 @@
 
 The pure half of `experiments/cards_grounding.py`: the response's restatement of the
 frame (NumberLine's two numbers, the points games' cards as a multiset of values,
-Blackjack's hand and the dealer's up-card as the thoughts name them), the true state's,
-the points games' plan ("Solution: F=T" in the thoughts) checked as a solution of a
-deal (with the formula line restated and the symbol it names next), and, where one action is right (NumberLine, Blackjack), the expert's action for
-the true state and for the state the response restated: a wrong action for what was read
-right is a wrong decision, a right action for what was misread a reading error made
-good by chance.
+Blackjack's hand and the dealer's up-card as the thoughts name them), the true state's;
+the points games' plan ("Solution: F=T" in the thoughts) checked as a solution of a deal,
+their formula line restated and the symbol the thoughts name next; and, where one action
+is right (NumberLine, Blackjack), the expert's action for the true state and for the
+state the response restated: a wrong action for what was read right is a wrong
+decision, a right action for what was misread a reading error made good by chance.
 """
 
 from __future__ import annotations
