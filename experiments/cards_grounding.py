@@ -37,8 +37,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from latent_mca.cards.envs import POINTS_GAMES
-from latent_mca.cards.grounding import (decided_on, expert_action, formula_line, next_symbol,
-                                        plan_solves, planned, read_action, restated, truth)
+from latent_mca.cards.grounding import (ONE_RIGHT_ACTION, decided_on, expert_action,
+                                        formula_line, next_symbol, plan_solves, planned,
+                                        read_action, restated, truth)
 from latent_mca.rl import rollout as rollout_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
@@ -85,7 +86,7 @@ def measure(game: str, params, extra, actor, envs: int, chunk_size: int) -> dict
                                                for t, v in zip(texts, views)])),
              "plays_next": float(np.mean([a == next_symbol(t) for a, t in zip(played, texts)]))}
   actions = {}
-  if expert_action(game, views[0]) is not None:
+  if game in ONE_RIGHT_ACTION:
     actions = {"reads_decided_on": float(np.mean([decided_on(game, s) == decided_on(game, t)
                                                   for s, t in zip(said, true)])),
                "expert_action": float(np.mean([a == expert_action(game, v)

@@ -123,3 +123,12 @@ def test_formula_line_and_next_symbol_of_the_points_games():
                json.dumps({"thoughts": "Solution: 2*6=12."})):
     assert grounding.formula_line(text) is None
     assert grounding.next_symbol(text) is None
+
+
+def test_card_rank_inverts_card_name():
+  assert [experts.card_name(rank) for rank in range(1, 14)] == [
+      "A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]
+  assert all(experts.card_rank(experts.card_name(rank)) == rank for rank in range(1, 14))
+  for name in ("1", "11", "0", "a", "", "X"):
+    with pytest.raises(ValueError, match="no card is named"):
+      experts.card_rank(name)

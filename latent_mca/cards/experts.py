@@ -82,6 +82,16 @@ def card_name(rank: int) -> str:
   return _RANK_NAMES.get(int(rank), str(int(rank)))
 
 
+_RANKS = {card_name(rank): rank for rank in range(1, 14)}
+
+
+def card_rank(name: str) -> int:
+  """`card_name`'s inverse; ValueError for a name no card has."""
+  if name not in _RANKS:
+    raise ValueError(f"no card is named {name!r}")
+  return _RANKS[name]
+
+
 def expert_response(game: str, view: Mapping, plan: str = "canonical") -> tuple[str, str]:
   """The expert's response to one state and the action it names.
 

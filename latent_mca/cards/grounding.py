@@ -50,13 +50,19 @@ _PLAN = re.compile(r"Solution: ([0-9()+\-*/]+)=(\d+)")
 _NEXT = re.compile(r"Next: (\S+)$")
 
 
-def planned(text: str) -> tuple[list[str], int] | None:
-  """The (formula symbols, target) of the thoughts' "Solution: F=T", or None."""
+def _string_field(text: str, key: str) -> str | None:
+  """The response's field `key` if the response is JSON and the field a string, else None."""
   try:
-    thoughts = json.loads(text)["thoughts"]
+    value = json.loads(text)[key]
   except (json.JSONDecodeError, TypeError, KeyError):
     return None
-  match = _PLAN.search(thoughts) if isinstance(thoughts, str) else None
+  return value if isinstance(value, str) else None
+
+
+def planned(text: str) -> tuple[list[str], int] | None:
+  """The (formula symbols, target) of the thoughts' "Solution: F=T", or None."""
+  thoughts = _string_field(text, "thoughts")
+  match = None if thoughts is None else _PLAN.search(thoughts)
   if match is None:
     return None
   return re.findall(r"\d+|[()+\-*/]", match.group(1)), int(match.group(2))
@@ -64,20 +70,13 @@ def planned(text: str) -> tuple[list[str], int] | None:
 
 def formula_line(text: str) -> str | None:
   """The points games' "current formula" a response restates, or None."""
-  try:
-    formula = json.loads(text)["current formula"]
-  except (json.JSONDecodeError, TypeError, KeyError):
-    return None
-  return formula if isinstance(formula, str) else None
+  return _string_field(text, "current formula")
 
 
 def next_symbol(text: str) -> str | None:
   """The symbol the thoughts name as the next to type ("... Next: S"), or None."""
-  try:
-    thoughts = json.loads(text)["thoughts"]
-  except (json.JSONDecodeError, TypeError, KeyError):
-    return None
-  match = _NEXT.search(thoughts) if isinstance(thoughts, str) else None
+  thoughts = _string_field(text, "thoughts")
+  match = None if thoughts is None else _NEXT.search(thoughts)
   return None if match is None else match.group(1)
 
 
@@ -98,46 +97,46 @@ def truth(game: str, view: dict):
 
 
 # The points games' deals have many plans, so their expert's action is not the only right one.
-_ONE_RIGHT_ACTION = ("numberline", "blackjack")
-_RANKS = {experts.card_name(rank): rank for rank in range(1, 14)}
+ONE_RIGHT_ACTION = ("numberline", "blackjack")
 
 
 def expert_action(game: str, view: dict) -> str | None:
   """The expert's action for a state (`CardEnv.describe`'s view) where it is the only right
   one (NumberLine, Blackjack's basic strategy), else None."""
-  return experts.expert_response(game, view)[1] if game in _ONE_RIGHT_ACTION else None
+  return experts.expert_response(game, view)[1] if game in ONE_RIGHT_ACTION else None
+
+
+def _restated_view(game: str, said) -> dict | None:
+  """A `restated` state of a game in ONE_RIGHT_ACTION as `CardEnv.describe`'s view (suits
+  0), or None (no restatement, an unknown card name, another game)."""
+  if said is None or game not in ONE_RIGHT_ACTION:
+    return None
+  if game == "numberline":
+    return {"current": said[0], "target": said[1]}
+  try:
+    return {"player": [(experts.card_rank(name), 0) for name in said[0]],
+            "dealer": [(experts.card_rank(said[1]), 0)]}
+  except ValueError:
+    return None
 
 
 def decided_on(game: str, said):
   """What the expert's action depends on, of a `restated` state: NumberLine's two numbers,
   Blackjack's `experts.hand_state` (a 10 is a king there); None for the points games, an
   unknown card name or no restatement."""
-  if said is None or game not in _ONE_RIGHT_ACTION:
+  view = _restated_view(game, said)
+  if view is None:
     return None
   if game == "numberline":
     return said
-  try:
-    return experts.hand_state([_rank(name) for name in said[0]], _rank(said[1]))
-  except ValueError:
-    return None
+  return experts.hand_state([rank for rank, _ in view["player"]], view["dealer"][0][0])
 
 
 def read_action(game: str, said) -> str | None:
   """The expert's action for the state a response restated (`restated`'s form), or None
   (no restatement, a state no episode is in, or a game without one right action)."""
-  if said is None or game not in _ONE_RIGHT_ACTION:
-    return None
+  view = _restated_view(game, said)
   try:
-    if game == "numberline":
-      view = {"current": said[0], "target": said[1]}
-    else:
-      view = {"player": [(_rank(name), 0) for name in said[0]], "dealer": [(_rank(said[1]), 0)]}
-    return experts.expert_response(game, view)[1]
-  except ValueError:  # an unknown card name, NumberLine at its target, a bust hand
+    return None if view is None else experts.expert_response(game, view)[1]
+  except ValueError:  # NumberLine at its target, a bust hand
     return None
-
-
-def _rank(name: str) -> int:
-  if name not in _RANKS:
-    raise ValueError(f"no card is named {name!r}")
-  return _RANKS[name]
