@@ -11,8 +11,12 @@ reference's. Runs in one workdir share the expert data, tokenizer, warm start an
 latent model; each game's PPO runs are its own. `smoke` is the same graph at toy sizes
 (what the tests run). `gpu` is `all` with a GPU's budget for the warm start
 (`cards.gpu_budget`: 4096 expert transitions per game, 1000 glyph steps and 8000 reading
-steps at batch 32, 2000 SFT steps at batch 32): on one H100 the whole job takes about
-7 to 13 minutes, and its warm start reads the frames far better (results/cards_gpu_h100/).
+steps at batch 32) and one warm start per game, as the reference trains one model per
+task (`warm_start=per_game`: 2000 SFT steps at batch 32 and the latent model, each game's
+in workdir/<game>/). With one shared warm start (`--config.warm_start=shared`) the whole
+job took 7 to 13 minutes on one H100 and its warm start reads the frames far better than
+the CPU job's (results/cards_gpu_h100/); Blackjack trained alone reads them better still
+(results/cards_gpu_h100/blackjack_alone_cpu/).
 
 The PPO settings are the reference's (clip 0.1, value clip 0.1, value coef 0.5, gamma 0.9,
 GAE lambda 0.95, 4 epochs, temperature 0.2, thought coefficient 0.5, gradient norm 0.01)

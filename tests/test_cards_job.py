@@ -100,9 +100,10 @@ def test_the_expert_plan_is_checked_in_the_config_and_against_the_saved_data(tmp
   cards.check_plan(config, "numberline", {"plan": "canonical"}, meta)  # plans nothing
 
 
-def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start():
+def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start_per_game():
   base, gpu = cards_configs.get_config("all"), cards_configs.get_config("gpu")
   assert gpu.games == base.games == "numberline,ezpoints,points24,blackjack"
+  assert (base.warm_start, gpu.warm_start) == ("shared", "per_game")
   assert (gpu.expert.transitions, gpu.reading.glyph_steps, gpu.reading.steps,
           gpu.reading.batch_size, gpu.sft.num_steps, gpu.sft.batch_size) == (
               4096, 1000, 8000, 32, 2000, 32)
@@ -180,3 +181,47 @@ def test_the_grounding_experiment_measures_each_policy_in_chunks(smoke_run):
     assert "plan_solves_deal" not in row
     examples = row["examples"]  # the first deals' responses, beside their true states
     assert len(examples) == 4 and all(isinstance(e["response"], str) for e in examples)
+
+
+def test_a_bad_warm_start_is_a_config_error(tmp_path):
+  config = cards_configs.get_config("smoke")
+  config.warm_start = "each"
+  with pytest.raises(ConfigError, match="config.warm_start: 'each'; choose shared or per_game"):
+    cards_job.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_results_of_the_other_warm_start_are_not_reused(tmp_path):
+  """A result written before the option (no warm_start field) came from the shared warm
+  start: a per-game run names it instead of reporting it as its own."""
+  config = cards_configs.get_config("smoke")
+  config.games = "blackjack"
+  path = tmp_path / "blackjack" / "eval_sft.json"
+  os.makedirs(path.parent)
+  path.write_text(json.dumps({"success_rate": 38.2, "episodes": 1072}))
+  assert cards.eval_sft(config, str(tmp_path)) == {"blackjack/sft/success_rate": 38.2}
+  config.warm_start = "per_game"
+  with pytest.raises(ConfigError, match="eval_sft.json was made from the 'shared' warm start.*"
+                                        "--config.warm_start=shared"):
+    cards.eval_sft(config, str(tmp_path))
+  run_dir = tmp_path / "blackjack" / "ppo_token"
+  os.makedirs(run_dir)
+  (run_dir / "result.json").write_text(json.dumps({"updates": 4, "warm_start": "shared"}))
+  with pytest.raises(ConfigError, match="result.json was made from the 'shared' warm start"):
+    cards.ppo_token(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_per_game_warm_starts_run_every_stage_in_each_games_folder(tmp_path):
+  config = cards_configs.get_config("smoke")
+  config.games, config.warm_start = "numberline,blackjack", "per_game"
+  metrics = cards_job.run(config, str(tmp_path))
+  for game in ("numberline", "blackjack"):
+    for path in ("sft/metrics.jsonl", "latent_idm/metrics.jsonl", "latent_bc/metrics.jsonl",
+                 "eval_sft.json", "ppo_token/eval.json", "ppo_latent/eval.json"):
+      assert os.path.isfile(os.path.join(tmp_path, game, path)), (game, path)
+    assert f"sft/{game}/loss" in metrics and f"latent_bc/{game}/loss" in metrics
+    result = json.load(open(os.path.join(tmp_path, game, "ppo_latent", "result.json")))
+    assert result["warm_start"] == "per_game"
+  assert not os.path.exists(os.path.join(tmp_path, "sft"))
+  assert "one warm start per game" in open(os.path.join(tmp_path, "cards_results.md")).read()

@@ -194,3 +194,25 @@ def test_the_report_says_the_warm_start_read_first(read, tmp_path):
   config.reading.glyph_steps = config.reading.steps = 0
   cards.report(config, str(tmp_path))
   assert "reading" not in open(os.path.join(tmp_path, "cards_results.md")).read().split("\n")[2]
+
+
+def test_per_game_warm_starts_train_each_game_alone_in_its_folder(read, tmp_path):
+  """warm_start=per_game trains workdir/<game>/sft on that game alone: the same params as a
+  shared warm start of that game alone, and the game's actor starts from it."""
+  config, workdir, _ = read
+  per_game, alone = str(tmp_path / "per_game"), str(tmp_path / "alone")
+  for copy in (per_game, alone):
+    shutil.copytree(workdir, copy)
+  config = _with(config, warm_start="per_game")
+  metrics = cards.sft(config, per_game)
+  assert not os.path.exists(os.path.join(per_game, "sft"))
+  assert set(cards.games(config)) == {k.split("/")[1] for k in metrics if k.endswith("/loss")}
+  cards.sft(_with(config, warm_start="shared", games="blackjack"), alone)
+  model_cfg = _model_cfg(config, workdir)
+  load = lambda folder: cards._sft_backbone(folder, model_cfg)
+  games = {g: load(os.path.join(per_game, g)) for g in ("numberline", "blackjack")}
+  assert _equal(games["blackjack"], load(alone))
+  assert not _equal(games["blackjack"], games["numberline"])
+  actor = cards.Actor(config, per_game, "numberline", cards.rollout_lib.TOKEN)
+  params, _ = actor.start_variables(per_game, jax.random.key(0))
+  assert _equal(params[cards.steps_lib.BACKBONE], games["numberline"])

@@ -31,6 +31,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.stages = cards.ALL_STAGES
   c.games = "numberline,ezpoints,points24,blackjack"
   c.seed = 0
+  # "shared": one warm start (sft, latent model) on every listed game; "per_game": one per
+  # game, in workdir/<game>/, as the reference trains one model per task
+  # (`stages.cards.warm_starts`).
+  c.warm_start = cards.SHARED
   c.env = ml_collections.ConfigDict(dict(solvable_only=True))  # Points24: solvable deals only
   c.image_size = 168  # the frames' side fed to the model (the games render 300x300)
   c.max_new_tokens = 72  # response tokens per step (the experts' longest: 66; the reference: 256)
@@ -89,6 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: "
                       f"{', '.join(cards.STAGES)}")
   cards.games(config)  # a bad games list fails before any work
+  cards.check_warm_start(config)
   if config.expert.plan not in experts.PLANS:
     raise ConfigError(f"config.expert.plan: unknown plan {config.expert.plan!r}; the plans "
                       f"are {', '.join(experts.PLANS)}")
@@ -102,9 +107,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def gpu_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Gives `c` (in place; also returned) a GPU's budget for the warm start: 4096 expert
-  transitions per game, 1000 glyph and 8000 reading steps at batch 32, 2000 SFT steps at
-  batch 32 (the defaults are 2048, 300 + 1200 at 16 and 600 at 16: what 2 CPU cores run
-  in a few hours). PPO and the latent model keep their sizes."""
+  transitions per game, 1000 glyph and 8000 reading steps at batch 32, then one warm start
+  per game (`warm_start=per_game`), each 2000 SFT steps at batch 32 (the defaults are
+  2048, 300 + 1200 at 16 and one shared warm start of 600 steps at 16: what 2 CPU cores
+  run in a few hours). PPO and the latent model keep their sizes (per game)."""
+  c.warm_start = cards.PER_GAME
   c.expert.transitions = 4096
   c.reading.update(dict(glyph_steps=1000, steps=8000, batch_size=32))
   c.sft.update(dict(num_steps=2000, batch_size=32))

@@ -21,6 +21,8 @@
               stage's params where workdir/reading holds them, else from scratch (or
               `backbone.checkpoint`, which wins) on every listed game's expert
               responses, one game per batch in turn; loss on the response tokens.
+              `warm_start=per_game` trains one per game instead (workdir/<game>/sft),
+              each with the whole `sft` budget; the latent stage follows it.
   eval_sft    the warm start alone, acting in token space: success rate over the last
               `eval.episodes` episodes (`eval.blackjack_episodes` for Blackjack, as the
               reference counts).
@@ -110,6 +112,53 @@ def games(config) -> list[str]:
     raise ConfigError(f"config.games: {unknown or 'none given'}; choose from "
                       f"{', '.join(envs_lib.GAMES)}")
   return names
+
+
+# config.warm_start: "shared" trains one warm start (sft, then the latent model) on every
+# listed game, in the workdir; "per_game" trains one per game, as the reference does
+# (RL4VLM fine-tunes one model per task), in workdir/<game>/ beside that game's evaluation
+# and PPO runs, each from the same reading stage with the whole `sft` (and latent) budget.
+SHARED, PER_GAME = "shared", "per_game"
+WARM_STARTS = (SHARED, PER_GAME)
+
+
+def check_warm_start(config) -> None:
+  if config.warm_start not in WARM_STARTS:
+    raise ConfigError(f"config.warm_start: {config.warm_start!r}; choose "
+                      f"{' or '.join(WARM_STARTS)}")
+
+
+def warm_starts(config, workdir: str) -> list[tuple[str, list[str]]]:
+  """(folder, games) of each warm start to train: the workdir and every listed game, or
+  workdir/<game> and that game alone per game (`config.warm_start`)."""
+  check_warm_start(config)
+  names = games(config)
+  if config.warm_start == SHARED:
+    return [(workdir, names)]
+  return [(os.path.join(workdir, g), [g]) for g in names]
+
+
+def warm_start_dir(config, workdir: str, game: str) -> str:
+  """The folder of the warm start `game` starts its evaluation and PPO from."""
+  check_warm_start(config)
+  return workdir if config.warm_start == SHARED else os.path.join(workdir, game)
+
+
+def _stage_prefix(config, stage: str, names: Sequence[str]) -> str:
+  """The metrics' prefix of a warm-start stage: "sft/", per game "sft/<game>/"."""
+  return f"{stage}/" if config.warm_start == SHARED else f"{stage}/{names[0]}/"
+
+
+def check_made_from(config, path: str, result: dict) -> None:
+  """ConfigError unless the result at `path` (eval_sft.json, a PPO run's result.json) was
+  made from the warm start `config.warm_start` names; results written before the option
+  were made from the shared one."""
+  made = result.get("warm_start", SHARED)
+  if made != config.warm_start:
+    raise ConfigError(
+        f"{path} was made from the {made!r} warm start, but config.warm_start is "
+        f"{config.warm_start!r}: move it (a PPO run: its folder) aside to make it again, or "
+        f"run with --config.warm_start={made}")
 
 
 def make_env(config, game: str):
@@ -467,63 +516,76 @@ def sft_start_params(config, workdir: str, model_cfg):
 
 
 def sft(config, workdir: str) -> dict:
-  """The supervised warm start on every listed game's expert responses (from
-  `sft_start_params`)."""
-  names, processor, layout, model_cfg = _setup(config, workdir)
+  """The supervised warm start(s) on the listed games' expert responses (from
+  `sft_start_params`): one on every game, or one per game (`warm_starts`)."""
+  _, processor, layout, model_cfg = _setup(config, workdir)
   c = config.sft
-  data = [ExpertData(config, workdir, g) for g in names]
-  params = sft_start_params(config, workdir, model_cfg)
-  model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
-  tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
-  state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
-  loader = _ExpertLoader(layout, data, c.batch_size, config.seed)
-  _, history = loop.train(SFT, workdir, state, functools.partial(backbone_lib.train_step,
-                                                                 model=model),
-                          loader, c.num_steps, checkpoint_every=c.checkpoint_every,
-                          log_every=c.log_every)
-  stage_dir = os.path.join(workdir, SFT)
-  metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
-                           os.path.join(stage_dir, "curves.png"), ["loss", "accuracy"])
-  return {f"sft/{k}": v for k, v in loop.final_metrics(history).items()}
+  # one step object: every warm start reuses its compilation (`loop.jit_step`)
+  train_step = functools.partial(backbone_lib.train_step,
+                                 model=qwen2_5_vl.Qwen2_5_VL(model_cfg))
+  out = {}
+  for folder, names in warm_starts(config, workdir):
+    data = [ExpertData(config, workdir, g) for g in names]
+    params = sft_start_params(config, workdir, model_cfg)
+    tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
+    state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
+    loader = _ExpertLoader(layout, data, c.batch_size, config.seed)
+    _, history = loop.train(SFT, folder, state, train_step, loader, c.num_steps,
+                            checkpoint_every=c.checkpoint_every, log_every=c.log_every)
+    stage_dir = os.path.join(folder, SFT)
+    metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
+                             os.path.join(stage_dir, "curves.png"), ["loss", "accuracy"])
+    prefix = _stage_prefix(config, SFT, names)
+    out.update({prefix + k: v for k, v in loop.final_metrics(history).items()})
+  return out
 
 
-def _sft_backbone(workdir: str, model_cfg):
+def _sft_backbone(folder: str, model_cfg):
+  """The final params of the warm start in `folder` (`warm_start_dir`)."""
   abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
-  return checkpoint.load_params(os.path.join(workdir, SFT), abstract)
+  return checkpoint.load_params(os.path.join(folder, SFT), abstract)
 
 
 # ----------------------------------------------------------------------------- latent model
 
 
 def latent(config, workdir: str) -> dict:
-  """Stage 1 (IDM, codebook, world model) then stage 4 (policy BC) on the expert data."""
-  names, processor, layout, model_cfg = _setup(config, workdir)
+  """Stage 1 (IDM, codebook, world model) then stage 4 (policy BC) on the expert data, from
+  each warm start's frozen backbone, on that warm start's games (`warm_starts`)."""
+  _, processor, layout, model_cfg = _setup(config, workdir)
   system = steps_lib.LatentSystem.build(model_cfg, latent_lib.latent_config(config))
-  data = [ExpertData(config, workdir, g) for g in names]
-  out, start = {}, None
-  for stage, step_fn in ((LATENT_IDM, steps_lib.inverse_warmup_step),
-                         (LATENT_BC, steps_lib.policy_bc_step)):
-    c = config[stage]
-    if start is None:
-      params, extra = system.init(_sft_backbone(workdir, model_cfg), jax.random.key(config.seed))
-    else:
-      params, extra = start
-    tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
-    state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed), extra)
-    loader = _ExpertLoader(layout, data, c.batch_size, config.seed + 1,
-                           wrap=lambda b: {"paired": {"image": b}})
-    state, history = loop.train(stage, workdir, state, functools.partial(step_fn, system=system),
-                                loader, c.num_steps, checkpoint_every=c.checkpoint_every,
-                                log_every=c.log_every)
-    start = (state.params, state.extra)
-    out.update({f"{stage}/{k}": v for k, v in loop.final_metrics(history).items()})
+  stage_steps = [(stage, functools.partial(step_fn, system=system))
+                 for stage, step_fn in ((LATENT_IDM, steps_lib.inverse_warmup_step),
+                                        (LATENT_BC, steps_lib.policy_bc_step))]
+  out = {}
+  for folder, names in warm_starts(config, workdir):
+    data = [ExpertData(config, workdir, g) for g in names]
+    start = None
+    for stage, train_step in stage_steps:
+      c = config[stage]
+      if start is None:
+        params, extra = system.init(_sft_backbone(folder, model_cfg),
+                                    jax.random.key(config.seed))
+      else:
+        params, extra = start
+      tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
+      state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed), extra)
+      loader = _ExpertLoader(layout, data, c.batch_size, config.seed + 1,
+                             wrap=lambda b: {"paired": {"image": b}})
+      state, history = loop.train(stage, folder, state, train_step, loader, c.num_steps,
+                                  checkpoint_every=c.checkpoint_every,
+                                  log_every=c.log_every)
+      start = (state.params, state.extra)
+      prefix = _stage_prefix(config, stage, names)
+      out.update({prefix + k: v for k, v in loop.final_metrics(history).items()})
   return out
 
 
-def _latent_variables(config, workdir: str, system, model_cfg):
+def _latent_variables(folder: str, system, model_cfg):
+  """The final (params, extra) of the latent policy of the warm start in `folder`."""
   abstract_backbone = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
   params, extra = system.abstract(abstract_backbone)
-  loaded = checkpoint.load_final(os.path.join(workdir, LATENT_BC),
+  loaded = checkpoint.load_final(os.path.join(folder, LATENT_BC),
                                  {"params": params, "extra": extra})
   return loaded["params"], loaded["extra"]
 
@@ -569,11 +631,13 @@ class Actor:
     self.model_cfg = model_cfg
 
   def start_variables(self, workdir: str, rng) -> tuple[dict, dict]:
-    """(params with a fresh value head, extra) of the space's warm start."""
+    """(params with a fresh value head, extra) of the space's warm start for the game
+    (`warm_start_dir`)."""
+    folder = warm_start_dir(self.config, workdir, self.game)
     if self.space == rollout_lib.TOKEN:
-      params, extra = self.system.init(_sft_backbone(workdir, self.model_cfg), rng)
+      params, extra = self.system.init(_sft_backbone(folder, self.model_cfg), rng)
     else:
-      params, extra = _latent_variables(self.config, workdir, self.system, self.model_cfg)
+      params, extra = _latent_variables(folder, self.system, self.model_cfg)
     params = dict(params, **{agent_lib.VALUE_HEAD: agent_lib.init_value_head(self.agent, rng)})
     return params, extra
 
@@ -782,8 +846,10 @@ def eval_sft(config, workdir: str) -> dict:
       actor = Actor(config, workdir, game, rollout_lib.TOKEN)
       rng = jax.random.fold_in(jax.random.key(config.seed), 7)
       params, extra = actor.start_variables(workdir, rng)
-      evaluate(actor, params, extra, path, "sft")
-    out[f"{game}/sft/success_rate"] = _json(path)["success_rate"]
+      evaluate(actor, params, extra, path, "sft", warm_start=config.warm_start)
+    result = _json(path)
+    check_made_from(config, path, result)
+    out[f"{game}/sft/success_rate"] = result["success_rate"]
   return out
 
 
@@ -808,6 +874,8 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
   result_path = os.path.join(stage_dir, "result.json")
   eval_path = os.path.join(stage_dir, "eval.json")
   trained = _json(result_path) if os.path.isfile(result_path) else None
+  if trained is not None:
+    check_made_from(config, result_path, trained)
   if trained is not None and os.path.isfile(eval_path):
     evaluation = _json(eval_path)
     if evaluation.get("updates") == trained["updates"]:
@@ -841,7 +909,7 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
                          f"run's last checkpoint is of update {start}: the trained policy "
                          "to evaluate is gone (delete the folder to train it again)")
       return trained, evaluate(actor, state.params, state.extra, eval_path, name,
-                               updates=start)
+                               updates=start, warm_start=config.warm_start)
     log.reset(history)
     obs, env_state = actor.reset(jax.random.fold_in(rng, 1000 + start), p.num_envs)
     ret = np.zeros(p.num_envs, np.float32)
@@ -888,10 +956,10 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
                            ["success_rate", "reward_mean", "value_loss", "policy_loss"])
   trained = {"success_rate": episodes.success_rate(need), "episodes": len(episodes),
              "window": need, "counted": COUNTED, "updates": p.num_updates,
-             "env_steps": p.num_updates * n_items}
+             "env_steps": p.num_updates * n_items, "warm_start": config.warm_start}
   backbone_lib.write_json(result_path, trained)
   return trained, evaluate(actor, state.params, state.extra, eval_path, name,
-                          updates=p.num_updates)
+                          updates=p.num_updates, warm_start=config.warm_start)
 
 
 def _ppo_stage(config, workdir: str, space: str) -> dict:
@@ -935,8 +1003,11 @@ def report(config, workdir: str) -> dict:
         table.setdefault(label, {})[game] = _json(path)
   read = (f", reading pretraining first ({config.reading.glyph_steps} glyph steps, "
           f"{config.reading.steps} reading steps)" if reading_steps(config) else "")
+  each = ("one warm start per game" if config.warm_start == PER_GAME
+          else "one warm start on every game listed")
   lines = ["# Card games: success rate (%)", "",
-           f"Ours: a tiny Qwen2.5-VL trained from scratch{read} (config in config.json); "
+           f"Ours: a tiny Qwen2.5-VL trained from scratch{read}, {each} "
+           "(config in config.json); "
            f"success over the last {config.eval.episodes} episodes "
            f"({config.eval.blackjack_episodes} for Blackjack), as the reference counts, "
            "taken by when they began (an episode counts once every episode begun before it "
