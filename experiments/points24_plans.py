@@ -42,10 +42,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
-from tqdm import tqdm
 
+from experiments import text_decoder
 from latent_mca.cards import arith, experts
 from latent_mca.jobs import cards as cards_job
 from latent_mca.models import qwen2_5_vl
@@ -67,17 +66,6 @@ TOKEN = {s: 4 + i for i, s in enumerate(SYMBOLS)}
 VOCAB = 32  # the ids above, then the model's image/video/vision tokens (unused) at 28..31
 MAX_FORMULA = 15  # the longest formula's symbols
 MAX_PLAN = 24  # the longest plan: 4 sorted values, SEP, a formula of at most 15 symbols, EOS
-
-
-def draw_deals(rng: np.random.Generator, n: int) -> np.ndarray:
-  """[n, 4] card values of solvable deals, drawn as `envs` draws them (ranks 1..13)."""
-  mask = arith.solvable_mask(24)
-  deals = []
-  while len(deals) < n:
-    values = np.minimum(rng.integers(1, 14, 4), 10)
-    if mask[tuple(values - 1)]:
-      deals.append(values)
-  return np.stack(deals)
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,7 +121,7 @@ def batch(deals: np.ndarray, fmt: str, rng: np.random.Generator) -> dict:
   for i, (tokens, start) in enumerate(rows):
     ids[i, :len(tokens)] = tokens
     weights[i, start - 1:len(tokens) - 1] = 1.0  # predicts tokens[start:]
-  return {"ids": ids, "weights": weights}
+  return {"ids": ids, "mask": (ids != PAD).astype(np.int32), "weights": weights}
 
 
 def model_config() -> qwen2_5_vl.Qwen2_5_VLConfig:
@@ -155,25 +143,10 @@ def train_and_score(model, cfg, pool: np.ndarray, fresh: np.ndarray, fmt: str,
                         weight_decay=0.01))
   tx = state_lib.make_optimizer(optimizer, _STEPS.value)
   params = qwen2_5_vl.init_params(cfg, jax.random.key(seed))
-  opt_state = tx.init(params)
-
-  def loss_fn(p, b):
-    logits = model.apply({"params": p}, b["ids"], (b["ids"] != PAD).astype(jnp.int32)).logits
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], b["ids"][:, 1:])
-    return (nll * b["weights"][:, :-1]).sum() / b["weights"].sum()
-
-  @jax.jit
-  def step(p, o, b):
-    loss, grads = jax.value_and_grad(loss_fn)(p, b)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss
-
   rng = np.random.default_rng([seed, len(pool)])
-  losses = []
-  for _ in tqdm(range(_STEPS.value), desc=f"{fmt}, {len(pool)} deals", leave=False):
-    b = batch(pool[rng.integers(0, len(pool), _BATCH.value)], fmt, rng)
-    params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(v) for k, v in b.items()})
-    losses.append(float(loss))
+  params, losses = text_decoder.train(
+      model, params, tx, lambda: batch(pool[rng.integers(0, len(pool), _BATCH.value)], fmt, rng),
+      _STEPS.value, desc=f"{fmt}, {len(pool)} deals")
   seen = {tuple(sorted(d)) for d in pool}
   scored = {}
   for name, deals in (("fresh", fresh), ("train", pool[:len(fresh)])):
@@ -221,10 +194,10 @@ def main(argv):
   cfg = model_config()
   model = qwen2_5_vl.Qwen2_5_VL(cfg)
   rng = np.random.default_rng(_SEED.value)
-  fresh = draw_deals(rng, _EVAL.value)
+  fresh = arith.draw_solvable(rng, _EVAL.value)
   results = []
   for n in map(int, _DEALS.value):
-    pool = draw_deals(np.random.default_rng([_SEED.value, n]), n)
+    pool = arith.draw_solvable(np.random.default_rng([_SEED.value, n]), n)
     for fmt in _FORMATS.value:
       split_format(fmt)
       start = time.time()

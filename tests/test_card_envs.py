@@ -221,6 +221,19 @@ def test_solvable_table_is_fast_and_right():
   assert mask[7, 2, 7, 2] and not mask[0, 0, 0, 0]  # (8, 3, 8, 3) and (1, 1, 1, 1)
 
 
+def test_draw_solvable_draws_solvable_deals_as_the_environment_does():
+  deals = arith.draw_solvable(np.random.default_rng(0), 400)
+  assert deals.shape == (400, 4) and deals.min() >= 1 and deals.max() <= 10
+  table = set(arith.solvable_table())
+  assert all(tuple(sorted(int(v) for v in d)) in table for d in deals)
+  # Faces are worth 10: ranks 10..13 of 13 make a value of 10 far more often than any other.
+  counts = np.bincount(deals.ravel(), minlength=11)[1:]
+  assert counts[9] > 2 * counts[:9].max()
+  again = arith.draw_solvable(np.random.default_rng(0), 400)
+  np.testing.assert_array_equal(deals, again)
+  assert arith.draw_solvable(np.random.default_rng(0), 0).shape == (0, 4)
+
+
 # --- NumberLine ---------------------------------------------------------------------------
 
 NL = ENVS["numberline"]

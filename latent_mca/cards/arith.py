@@ -386,3 +386,16 @@ def solvable_mask(target: int = 24) -> np.ndarray:
       mask[tuple(v - 1 for v in perm)] = True
   mask.flags.writeable = False
   return mask
+
+
+def draw_solvable(rng: np.random.Generator, n: int, target: int = 24) -> np.ndarray:
+  """int [n, 4]: the values of n four-card deals that make `target`, drawn with NumPy as
+  the environment draws them (ranks 1..13 uniformly, faces worth 10, redrawn until
+  solvable): deals for experiments that train or score plans outside the environment."""
+  mask = solvable_mask(target)
+  deals = []
+  while len(deals) < n:
+    values = np.minimum(rng.integers(1, 14, 4), MAX_NUMBER)
+    if mask[tuple(values - 1)]:
+      deals.append(values)
+  return np.stack(deals) if deals else np.zeros((0, 4), np.int64)
