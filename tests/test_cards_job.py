@@ -225,3 +225,13 @@ def test_per_game_warm_starts_run_every_stage_in_each_games_folder(tmp_path):
     assert result["warm_start"] == "per_game"
   assert not os.path.exists(os.path.join(tmp_path, "sft"))
   assert "one warm start per game" in open(os.path.join(tmp_path, "cards_results.md")).read()
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_a_counterfactual_share_outside_0_1_is_a_config_error(tmp_path, share):
+  config = cards_configs.get_config("smoke")
+  assert config.sft.counterfactual_cards == 0.0  # off by default
+  config.sft.counterfactual_cards = share
+  with pytest.raises(ConfigError, match=f"config.sft.counterfactual_cards .* got {share}"):
+    cards_job.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []

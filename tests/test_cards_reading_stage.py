@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from configs import cards as cards_configs
+from latent_mca.cards import grounding
 from latent_mca.config_schema import ConfigError
+from latent_mca.data.tokenizers import IM_END
 from latent_mca.jobs import cards as cards_job
 from latent_mca.models import qwen2_5_vl
 from latent_mca.stages import backbone as backbone_lib
@@ -216,3 +218,54 @@ def test_per_game_warm_starts_train_each_game_alone_in_its_folder(read, tmp_path
   actor = cards.Actor(config, per_game, "numberline", cards.rollout_lib.TOKEN)
   params, _ = actor.start_variables(per_game, jax.random.key(0))
   assert _equal(params[cards.steps_lib.BACKBONE], games["numberline"])
+
+
+def test_counterfactual_cards_swap_points24_first_steps_out_of_the_loss(read, tmp_path):
+  """sft.counterfactual_cards: a Points24 first-step row becomes the expert's response to
+  another solvable deal; its restated cards weigh 0 in the loss, the rest of it 1."""
+  config, workdir, _ = read
+  copy = str(tmp_path / "points24")
+  shutil.copytree(workdir, copy)
+  config = _with(config, games="points24", max_new_tokens=72)  # whole responses
+  cards.expert(config, copy)
+  data = cards.ExpertData(config, copy, "points24")
+  processor = cards.load_processor(config, copy)
+  layout = cards.Layout(config, processor, cards.envs_lib.GAMES)
+  first = [i for i, t in enumerate(data.texts) if '"current formula": "",' in t]
+  later = [i for i, t in enumerate(data.texts) if i not in first]
+  assert first and later
+  rng = np.random.default_rng(0)
+  swapped = [cards.counterfactual_cards(data.texts[first[0]], "points24", "canonical", rng)
+             for _ in range(8)]
+  assert len({text for text, _ in swapped}) > 1  # other deals, drawn by rng
+  for text, (a, b) in swapped:
+    response = json.loads(text)
+    assert text[a:b] == ", ".join(map(str, response["cards"]))
+    assert response["current formula"] == ""
+    plan = grounding.planned(text)
+    assert grounding.plan_solves(plan, response["cards"], 24), text
+    ids, weights = layout.response_ids(text, (a, b))
+    decode = processor.tokenizer.decode
+    assert decode(ids[weights == 0]) == text[a:b]
+    assert decode(ids[weights == 1]) == text[:a] + text[b:] + IM_END
+  for text in (data.texts[later[0]], '{"thoughts": "...", "action": "stand"}'):
+    game = "points24" if "cards" in text else "blackjack"
+    assert cards.counterfactual_cards(text, game, "canonical", rng) == (text, None)
+  # The loader: 0 leaves every row as it was; 1 swaps every first-step row.
+  plain = cards._ExpertLoader(layout, [data], 16, seed=3)
+  off = cards._ExpertLoader(layout, [data], 16, seed=3, counterfactual=0.0)
+  on = cards._ExpertLoader(layout, [data], 16, seed=3, counterfactual=1.0)
+  for _ in range(3):
+    a_batch, b_batch, c_batch = next(plain), next(off), next(on)
+    for key in a_batch:
+      np.testing.assert_array_equal(a_batch[key], b_batch[key])
+    np.testing.assert_array_equal(a_batch["pixel_values"], c_batch["pixel_values"])
+    response = slice(layout.prompt_length, None)
+    for ids, attention, loss in zip(*(c_batch[k][:, response] for k in (
+        "input_ids", "attention_mask", "loss_mask"))):
+      text = processor.tokenizer.decode(ids[attention == 1], skip_special_tokens=True)
+      left_out = processor.tokenizer.decode(ids[(attention == 1) & (loss == 0)])
+      if '"current formula": "",' in text:
+        assert left_out == text[text.index("[") + 1:text.index("]")]
+      else:
+        assert left_out == "" and (loss == attention).all()

@@ -51,8 +51,12 @@ def default_config() -> ml_collections.ConfigDict:
   sft_optimizer = optimizer_config()
   sft_optimizer.update(dict(learning_rate=2e-3, warmup_steps=30, final_fraction=0.05,
                             weight_decay=0.01))
+  # counterfactual_cards: the share of Points24 first-step rows swapped for the expert's
+  # response to another deal, its restated cards out of the loss, so the plan must follow
+  # the restatement, not the frame (`stages.cards.counterfactual_cards`); 0: off.
   c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=16, optimizer=sft_optimizer,
-                                         checkpoint_every=200, log_every=25))
+                                         checkpoint_every=200, log_every=25,
+                                         counterfactual_cards=0.0))
   # Reading pretraining (`stages.cards.reading`): glyph_steps of one centred symbol whose
   # glyph shrinks from glyph_scale times NumberLine's size to NumberLine's over 2/3 of them,
   # then `steps` of the games' readings (one game per step in turn); eval_frames held-out
@@ -94,6 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       f"{', '.join(cards.STAGES)}")
   cards.games(config)  # a bad games list fails before any work
   cards.check_warm_start(config)
+  if not 0.0 <= config.sft.counterfactual_cards <= 1.0:
+    raise ConfigError(f"config.sft.counterfactual_cards must be a share in [0, 1], got "
+                      f"{config.sft.counterfactual_cards}")
   if config.expert.plan not in experts.PLANS:
     raise ConfigError(f"config.expert.plan: unknown plan {config.expert.plan!r}; the plans "
                       f"are {', '.join(experts.PLANS)}")

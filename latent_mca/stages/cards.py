@@ -73,6 +73,7 @@ from absl import logging
 from tqdm import tqdm
 
 from latent_mca.cards import agent as agent_lib
+from latent_mca.cards import arith
 from latent_mca.cards import envs as envs_lib
 from latent_mca.cards import experts
 from latent_mca.cards import parser
@@ -338,33 +339,76 @@ class Layout:
     self.prompts = {g: agent_lib.left_pad(v, self.prompt_length, pad) for g, v in ids.items()}
     self.im_end = processor.tokenizer.convert_tokens_to_ids(IM_END)
 
-  def response_ids(self, text: str) -> np.ndarray:
-    ids = self.processor.tokenizer(text + IM_END)["input_ids"]
-    return np.asarray(ids[:self.max_new_tokens], np.int32)
+  def response_ids(self, text: str, unweighted: tuple[int, int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, loss weights) int32 of a response and IM_END, cut at `max_new_tokens`; the
+    tokens that overlap the characters text[a:b] of `unweighted` = (a, b) weigh 0."""
+    encoded = self.processor.tokenizer(text + IM_END, return_offsets_mapping=True)
+    ids = np.asarray(encoded["input_ids"][:self.max_new_tokens], np.int32)
+    weights = np.ones(len(ids), np.int32)
+    if unweighted is not None:
+      a, b = unweighted
+      for t, (start, end) in enumerate(encoded["offset_mapping"][:len(ids)]):
+        weights[t] = not (start < b and end > a)
+    return ids, weights
 
-  def sft_batch(self, data: ExpertData, index: np.ndarray) -> dict:
-    """input_ids / attention_mask / loss_mask [B, T + M] and the frames' patches."""
+  def sft_batch(self, data: ExpertData, index: np.ndarray,
+                responses: Sequence[tuple[str, tuple[int, int] | None]] | None = None) -> dict:
+    """input_ids / attention_mask / loss_mask [B, T + M] and the frames' patches.
+
+    `responses` (text, unweighted span) replace the rows' expert responses, the span's
+    tokens left out of the loss (`counterfactual_cards`)."""
     b, m, pad = len(index), self.max_new_tokens, self.processor.pad_token_id
     prompt_ids, prompt_mask = self.prompts[data.game]
+    if responses is None:
+      responses = [(data.texts[i], None) for i in index]
     ids = np.full((b, m), pad, np.int32)
     mask = np.zeros((b, m), np.int32)
-    for row, i in enumerate(index):
-      r = self.response_ids(data.texts[i])
-      ids[row, :len(r)], mask[row, :len(r)] = r, 1
+    loss = np.zeros((b, m), np.int32)
+    for row, (text, unweighted) in enumerate(responses):
+      r, w = self.response_ids(text, unweighted)
+      ids[row, :len(r)], mask[row, :len(r)], loss[row, :len(r)] = r, 1, w
     pixel_values, grid = pixels_lib.frames_to_pixels(data.frames(index), self.image_size)
     return {"input_ids": np.concatenate([np.tile(prompt_ids, (b, 1)), ids], 1),
             "attention_mask": np.concatenate([np.tile(prompt_mask, (b, 1)), mask], 1),
-            "loss_mask": np.concatenate([np.zeros((b, self.prompt_length), np.int32), mask], 1),
+            "loss_mask": np.concatenate([np.zeros((b, self.prompt_length), np.int32), loss], 1),
             "pixel_values": pixel_values, "image_grid_thw": grid}
 
 
+_FIRST_STEP = '"current formula": "",'  # a points game's response with nothing typed yet
+
+
+def counterfactual_cards(text: str, game: str, plan: str, rng: np.random.Generator
+                         ) -> tuple[str, tuple[int, int] | None]:
+  """(response, unweighted span): a Points24 first-step response swapped for the expert's
+  response to another solvable deal, whose restated cards (the span) are left out of the
+  loss; any other response as it is, span None.
+
+  The swapped response's plan cannot be read off the frame, only off the cards it
+  restates: SFT on such rows teaches the plan to follow the restatement (the text-only
+  model, which has nothing else to follow, plans; the warm start from the reading stage
+  planned 0% of the cards it restated: results/points24_plans/).
+  """
+  if game != "points24" or _FIRST_STEP not in text:
+    return text, None
+  values = [int(v) for v in arith.draw_solvable(rng, 1)[0]]
+  swapped, _ = experts.expert_response(game, {"values": values, "target": 24, "formula": ()},
+                                       plan)
+  return swapped, (swapped.index("[") + 1, swapped.index("]"))
+
+
 class _ExpertLoader:
-  """SFT batches: game (step mod #games), rows drawn with a key of (seed, step). Resumable."""
+  """SFT batches: game (step mod #games), rows drawn with a key of (seed, step). Resumable.
+
+  With `counterfactual` > 0 (`sft.counterfactual_cards`), each Points24 first-step row is
+  swapped with that probability for `counterfactual_cards`'s response (`plan`: the
+  expert's)."""
 
   def __init__(self, layout: Layout, data: list[ExpertData], batch_size: int, seed: int,
-               wrap=None):
+               wrap=None, counterfactual: float = 0.0, plan: str = "canonical"):
     self.layout, self.data, self.batch_size, self.seed = layout, data, batch_size, seed
     self.wrap, self.step = wrap or (lambda b: b), 0
+    self.counterfactual, self.plan = counterfactual, plan
 
   def __iter__(self):
     return self
@@ -373,7 +417,13 @@ class _ExpertLoader:
     data = self.data[self.step % len(self.data)]
     rng = np.random.default_rng([self.seed, self.step])
     self.step += 1
-    return self.wrap(self.layout.sft_batch(data, rng.integers(0, len(data), self.batch_size)))
+    index = rng.integers(0, len(data), self.batch_size)
+    responses = None
+    if self.counterfactual > 0:
+      swap = rng.random(len(index)) < self.counterfactual
+      responses = [counterfactual_cards(data.texts[i], data.game, self.plan, rng) if s
+                   else (data.texts[i], None) for i, s in zip(index, swap)]
+    return self.wrap(self.layout.sft_batch(data, index, responses))
 
   def state(self) -> dict:
     return {"step": self.step}
@@ -529,7 +579,8 @@ def sft(config, workdir: str) -> dict:
     params = sft_start_params(config, workdir, model_cfg)
     tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
     state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
-    loader = _ExpertLoader(layout, data, c.batch_size, config.seed)
+    loader = _ExpertLoader(layout, data, c.batch_size, config.seed,
+                           counterfactual=c.counterfactual_cards, plan=config.expert.plan)
     _, history = loop.train(SFT, folder, state, train_step, loader, c.num_steps,
                             checkpoint_every=c.checkpoint_every, log_every=c.log_every)
     stage_dir = os.path.join(folder, SFT)
