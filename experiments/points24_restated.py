@@ -1,7 +1,8 @@
 r"""Does the warm start's response format stop a model of its size planning Points24? Text only.
 
   python -m experiments.points24_restated [--out results/points24_plans/restated]
-      [--steps 300] [--batch 64] [--deals 450] [--variants restated,given] [--eval 512]
+      [--steps 300] [--batch 64] [--deals 450] [--variants restated,given,chat]
+      [--eval 512] [--workdir W [--init reading]]
 
 `experiments.points24_plans` showed that a decoder of the cards job's sizes plans Points24
 from the four values given as tokens (31.4% of fresh deals: canonical plans, trained at
@@ -29,6 +30,10 @@ first step: the response is forced up to `"thoughts": "Solution:` with the true 
 restated (a reading that is right), then decoded greedily; the plan counts when the
 formula before "=24" uses each value once and makes 24 (`experts.is_solution`). Also
 scored on as many of the training deals. Writes OUT/points24_restated.{json,md}.
+
+`--workdir W` takes a Points24 cards job's tokenizer instead of training one, and
+`--init=reading` starts from its reading stage's params, as the job's SFT does: the text
+model then differs from the VLM warm start only by the frame.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from latent_mca.data.tokenizers import IM_END, train_bpe_tokenizer
 from latent_mca.jobs import cards as cards_job
 from latent_mca.models import qwen2_5_vl
 from latent_mca.stages import backbone as backbone_lib
+from latent_mca.stages import cards
 from latent_mca.training import state as state_lib
 
 VARIANTS = ("restated", "given", "chat")
@@ -61,6 +67,11 @@ _DEALS = flags.DEFINE_integer("deals", 450, "Training pool size (deals).")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Prompts (see the docstring).")
 _EVAL = flags.DEFINE_integer("eval", 512, "Fresh deals (and training deals) to score.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the deals and the model.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A Points24 cards job's workdir: its tokenizer instead of one trained "
+    "here, and with --init=reading its reading stage's params as the start.")
+_INIT = flags.DEFINE_enum("init", "scratch", ["scratch", "reading"],
+                          "Start from fresh params, or from --workdir's reading stage.")
 
 PLAN = "canonical"  # the job's default expert plan
 FORCED = '"thoughts": "Solution:'  # the response is forced up to here when scored
@@ -133,14 +144,15 @@ def build_tokenizer(pool: np.ndarray):
 
 
 def run(variant: str, tokenizer, model_cfg, pool: np.ndarray, fresh: np.ndarray, seed: int,
-        steps: int, batch_size: int) -> dict:
-  """Trains a fresh model on the pool's expert responses and scores its first-step plans
-  on `fresh` and on as many of the pool's deals."""
+        steps: int, batch_size: int, params=None) -> dict:
+  """Trains a model (fresh, or from `params`) on the pool's expert responses and scores
+  its first-step plans on `fresh` and on as many of the pool's deals."""
   model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
   examples = Examples(tokenizer, pool, variant)
   optimizer = cards_job.default_config().sft.optimizer
   tx = state_lib.make_optimizer(optimizer, steps)
-  params = qwen2_5_vl.init_params(model_cfg, jax.random.key(seed))
+  if params is None:
+    params = qwen2_5_vl.init_params(model_cfg, jax.random.key(seed))
   rng = np.random.default_rng([seed, len(pool)])
   params, losses = text_decoder.train(
       model, params, tx, lambda: examples.batch(rng.integers(0, len(pool), batch_size), rng),
@@ -190,18 +202,30 @@ def main(argv):
   fresh = arith.draw_solvable(rng, _EVAL.value)
   pool_rng = np.random.default_rng([_SEED.value, _DEALS.value])
   pool = arith.draw_solvable(pool_rng, _DEALS.value)
-  tokenizer = build_tokenizer(pool)
-  area = cards_job.default_config().image_size ** 2
-  processor = Processor(tokenizer, image_config=ImageProcessorConfig(min_pixels=area,
-                                                                     max_pixels=area))
-  model_cfg = backbone_lib.model_config(cards_job.default_config(), processor)
+  config = cards_job.default_config()
+  if _WORKDIR.value:
+    processor = cards.load_processor(config, _WORKDIR.value)
+    tokenizer = processor.tokenizer
+  else:
+    tokenizer = build_tokenizer(pool)
+    area = config.image_size ** 2
+    processor = Processor(tokenizer, image_config=ImageProcessorConfig(min_pixels=area,
+                                                                       max_pixels=area))
+  model_cfg = backbone_lib.model_config(config, processor)
+  params = None
+  if _INIT.value == "reading":
+    if not _WORKDIR.value:
+      raise app.UsageError("--init=reading needs --workdir")
+    if not os.path.isdir(os.path.join(_WORKDIR.value, cards.READING)):
+      raise app.UsageError(f"{_WORKDIR.value} has no reading stage ({cards.READING}/)")
+    params = cards.sft_start_params(config, _WORKDIR.value, model_cfg)
   results = []
   for variant in _VARIANTS.value:
     prompt((1, 2, 3, 4), variant, tokenizer)  # an unknown variant fails before training
   for variant in _VARIANTS.value:
     start = time.time()
     result = run(variant, tokenizer, model_cfg, pool, fresh, _SEED.value, _STEPS.value,
-                 _BATCH.value)
+                 _BATCH.value, params)
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result))
     results.append(result)
@@ -209,11 +233,14 @@ def main(argv):
   with open(os.path.join(_OUT.value, "points24_restated.json"), "w") as f:
     json.dump({"steps": _STEPS.value, "batch": _BATCH.value, "deals": _DEALS.value,
                "seed": _SEED.value, "eval_deals": _EVAL.value, "tokenizer": len(tokenizer),
+               "workdir": _WORKDIR.value, "init": _INIT.value,
                "results": results}, f, indent=2)
   lines = ["# Points24 plans in the warm start's JSON format (text, no frame)", "",
            f"The cards job's backbone, tokenizer and SFT optimizer, {_STEPS.value} steps of "
            f"{_BATCH.value} deals from a pool of {_DEALS.value}, each at a random step of its "
-           "episode (`python -m experiments.points24_restated`). Solved: the greedy "
+           f"episode, from {'the reading stage' if _INIT.value == 'reading' else 'scratch'}"
+           f"{f', the tokenizer of {_WORKDIR.value}' if _WORKDIR.value else ''} "
+           "(`python -m experiments.points24_restated`). Solved: the greedy "
            "first-step plan, after the true cards restated, uses each value once and "
            "makes 24.", "",
            "| prompt | solved, fresh deals | solved, training deals | final loss |",
