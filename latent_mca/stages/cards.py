@@ -385,9 +385,11 @@ def counterfactual_cards(text: str, game: str, plan: str, rng: np.random.Generat
   loss; any other response as it is, span None.
 
   The swapped response's plan cannot be read off the frame, only off the cards it
-  restates: SFT on such rows teaches the plan to follow the restatement (the text-only
-  model, which has nothing else to follow, plans; the warm start from the reading stage
-  planned 0% of the cards it restated: results/points24_plans/).
+  restates, so SFT on such rows asks the plan to follow the restatement. Measured
+  (results/points24_plans/README.md): at 1.0 it does not make the warm start plan (2.0%
+  of the cards it restated against 1.2%), because the frame was not what stopped the
+  plan: starting SFT from the reading stage's params is (a text model started from them
+  plans 0.0%, from scratch 9.8%).
   """
   if game != "points24" or _FIRST_STEP not in text:
     return text, None
