@@ -60,18 +60,24 @@ from latent_mca.stages import cards
 from latent_mca.training import state as state_lib
 
 VARIANTS = ("restated", "given", "chat")
-_OUT = flags.DEFINE_string("out", "results/points24_plans/restated", "Where the results go.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Training steps per run.")
-_BATCH = flags.DEFINE_integer("batch", 64, "Deals per step.")
-_DEALS = flags.DEFINE_integer("deals", 450, "Training pool size (deals).")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Prompts (see the docstring).")
-_EVAL = flags.DEFINE_integer("eval", 512, "Fresh deals (and training deals) to score.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the deals and the model.")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "A Points24 cards job's workdir: its tokenizer instead of one trained "
-    "here, and with --init=reading its reading stage's params as the start.")
-_INIT = flags.DEFINE_enum("init", "scratch", ["scratch", "reading"],
-                          "Start from fresh params, or from --workdir's reading stage.")
+
+
+def define_flags() -> None:
+  """The command line's flags; defined when run as a script, not on import, so tests can
+  import this module beside other experiments that define flags of the same names."""
+  flags.DEFINE_string("out", "results/points24_plans/restated", "Where the results go.")
+  flags.DEFINE_integer("steps", 300, "Training steps per run.")
+  flags.DEFINE_integer("batch", 64, "Deals per step.")
+  flags.DEFINE_integer("deals", 450, "Training pool size (deals).")
+  flags.DEFINE_list("variants", list(VARIANTS), "Prompts (see the docstring).")
+  flags.DEFINE_integer("eval", 512, "Fresh deals (and training deals) to score.")
+  flags.DEFINE_integer("seed", 0, "Seed of the deals and the model.")
+  flags.DEFINE_string(
+      "workdir", None, "A Points24 cards job's workdir: its tokenizer instead of one trained "
+      "here, and with --init=reading its reading stage's params as the start.")
+  flags.DEFINE_enum("init", "scratch", ["scratch", "reading"],
+                    "Start from fresh params, or from --workdir's reading stage.")
+
 
 PLAN = "canonical"  # the job's default expert plan
 FORCED = '"thoughts": "Solution:'  # the response is forced up to here when scored
@@ -198,13 +204,14 @@ def score(model, params, tokenizer, deals: np.ndarray, variant: str):
 
 def main(argv):
   del argv
-  rng = np.random.default_rng(_SEED.value)
-  fresh = arith.draw_solvable(rng, _EVAL.value)
-  pool_rng = np.random.default_rng([_SEED.value, _DEALS.value])
-  pool = arith.draw_solvable(pool_rng, _DEALS.value)
+  opts = flags.FLAGS
+  rng = np.random.default_rng(opts.seed)
+  fresh = arith.draw_solvable(rng, opts.eval)
+  pool_rng = np.random.default_rng([opts.seed, opts.deals])
+  pool = arith.draw_solvable(pool_rng, opts.deals)
   config = cards_job.default_config()
-  if _WORKDIR.value:
-    processor = cards.load_processor(config, _WORKDIR.value)
+  if opts.workdir:
+    processor = cards.load_processor(config, opts.workdir)
     tokenizer = processor.tokenizer
   else:
     tokenizer = build_tokenizer(pool)
@@ -213,33 +220,33 @@ def main(argv):
                                                                        max_pixels=area))
   model_cfg = backbone_lib.model_config(config, processor)
   params = None
-  if _INIT.value == "reading":
-    if not _WORKDIR.value:
+  if opts.init == "reading":
+    if not opts.workdir:
       raise app.UsageError("--init=reading needs --workdir")
-    if not os.path.isdir(os.path.join(_WORKDIR.value, cards.READING)):
-      raise app.UsageError(f"{_WORKDIR.value} has no reading stage ({cards.READING}/)")
-    params = cards.sft_start_params(config, _WORKDIR.value, model_cfg)
+    if not os.path.isdir(os.path.join(opts.workdir, cards.READING)):
+      raise app.UsageError(f"{opts.workdir} has no reading stage ({cards.READING}/)")
+    params = cards.sft_start_params(config, opts.workdir, model_cfg)
   results = []
-  for variant in _VARIANTS.value:
+  for variant in opts.variants:
     prompt((1, 2, 3, 4), variant, tokenizer)  # an unknown variant fails before training
-  for variant in _VARIANTS.value:
+  for variant in opts.variants:
     start = time.time()
-    result = run(variant, tokenizer, model_cfg, pool, fresh, _SEED.value, _STEPS.value,
-                 _BATCH.value, params)
+    result = run(variant, tokenizer, model_cfg, pool, fresh, opts.seed, opts.steps,
+                 opts.batch, params)
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result))
     results.append(result)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "points24_restated.json"), "w") as f:
-    json.dump({"steps": _STEPS.value, "batch": _BATCH.value, "deals": _DEALS.value,
-               "seed": _SEED.value, "eval_deals": _EVAL.value, "tokenizer": len(tokenizer),
-               "workdir": _WORKDIR.value, "init": _INIT.value,
+  os.makedirs(opts.out, exist_ok=True)
+  with open(os.path.join(opts.out, "points24_restated.json"), "w") as f:
+    json.dump({"steps": opts.steps, "batch": opts.batch, "deals": opts.deals,
+               "seed": opts.seed, "eval_deals": opts.eval, "tokenizer": len(tokenizer),
+               "workdir": opts.workdir, "init": opts.init,
                "results": results}, f, indent=2)
   lines = ["# Points24 plans in the warm start's JSON format (text, no frame)", "",
-           f"The cards job's backbone, tokenizer and SFT optimizer, {_STEPS.value} steps of "
-           f"{_BATCH.value} deals from a pool of {_DEALS.value}, each at a random step of its "
-           f"episode, from {'the reading stage' if _INIT.value == 'reading' else 'scratch'}"
-           f"{f', the tokenizer of {_WORKDIR.value}' if _WORKDIR.value else ''} "
+           f"The cards job's backbone, tokenizer and SFT optimizer, {opts.steps} steps of "
+           f"{opts.batch} deals from a pool of {opts.deals}, each at a random step of its "
+           f"episode, from {'the reading stage' if opts.init == 'reading' else 'scratch'}"
+           f"{f', the tokenizer of {opts.workdir}' if opts.workdir else ''} "
            "(`python -m experiments.points24_restated`). Solved: the greedy "
            "first-step plan, after the true cards restated, uses each value once and "
            "makes 24.", "",
@@ -248,10 +255,11 @@ def main(argv):
   for r in results:
     lines.append(f"| {r['variant']} | {100 * r['fresh']:.1f}% | {100 * r['train']:.1f}% | "
                  f"{r['final_loss']:.3f} |")
-  with open(os.path.join(_OUT.value, "points24_restated.md"), "w") as f:
+  with open(os.path.join(opts.out, "points24_restated.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
