@@ -45,12 +45,18 @@ from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
 from latent_mca.training import checkpoint
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/cards.py:all", "The cards config the workdir was run with.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The cards job's workdir.", required=True)
-_ENVS = flags.DEFINE_integer("envs", 128, "Fresh deals per game and policy.")
-_CHUNK = flags.DEFINE_integer(
-    "chunk", 64, "Deals generated at once (256 at once ran out of 24 GiB on CPU).")
+
+def define_flags() -> None:
+  """The command line's flags; defined when run as a script, not on import, so tests can
+  import this module beside `experiments.run`, which also defines --config and --workdir."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/cards.py:all", "The cards config the workdir was run with.")
+  flags.DEFINE_string("workdir", None, "The cards job's workdir.", required=True)
+  flags.DEFINE_integer("envs", 128, "Fresh deals per game and policy.")
+  flags.DEFINE_integer(
+      "chunk", 64, "Deals generated at once (256 at once ran out of 24 GiB on CPU).")
+
+
 _EXAMPLES = 4  # responses kept in the JSON per row, beside the true state
 
 
@@ -140,11 +146,12 @@ def _table(rows: dict, title: str, columns) -> list[str]:
 
 def main(argv):
   del argv
-  workdir = _WORKDIR.value
-  rows = measure_workdir(_CONFIG.value, workdir, _ENVS.value, _CHUNK.value)
+  opts = flags.FLAGS
+  workdir = opts.workdir
+  rows = measure_workdir(opts.config, workdir, opts.envs, opts.chunk)
   lines = ["# Do the card agents read their frames?", "",
            f"`python -m experiments.cards_grounding --workdir {workdir}`: one step on "
-           f"{_ENVS.value} fresh deals per game and policy.", ""]
+           f"{opts.envs} fresh deals per game and policy.", ""]
   lines += _table(rows, "What the response restates", (
       ("restates the frame correctly", "correct"), ("parses", "parsed"),
       ("most common restatement", "most_common"), ("its share", "most_common_share"),
@@ -163,4 +170,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
