@@ -2,7 +2,7 @@ r"""Does the warm start's response format stop a model of its size planning Poin
 
   python -m experiments.points24_restated [--out results/points24_plans/restated]
       [--steps 300] [--batch 64] [--deals 450] [--variants restated,given,chat]
-      [--eval 512] [--workdir W [--init reading]]
+      [--eval 512] [--workdir W [--init reading [--from_reading all]]]
 
 `experiments.points24_plans` showed that a decoder of the cards job's sizes plans Points24
 from the four values given as tokens (31.4% of fresh deals: canonical plans, trained at
@@ -33,7 +33,9 @@ scored on as many of the training deals. Writes OUT/points24_restated.{json,md}.
 
 `--workdir W` takes a Points24 cards job's tokenizer instead of training one, and
 `--init=reading` starts from its reading stage's params, as the job's SFT does: the text
-model then differs from the VLM warm start only by the frame.
+model then differs from the VLM warm start only by the frame. `--from_reading` takes only
+some of its parameter groups (`config.sft.from_reading`: visual, embed_tokens, decoder,
+lm_head), the rest fresh, to find which of them stop the plan.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def define_flags() -> None:
       "here, and with --init=reading its reading stage's params as the start.")
   flags.DEFINE_enum("init", "scratch", ["scratch", "reading"],
                     "Start from fresh params, or from --workdir's reading stage.")
+  flags.DEFINE_string("from_reading", "all", "With --init=reading, the parameter groups "
+                      "taken from it (the job's config.sft.from_reading); the rest fresh.")
 
 
 PLAN = "canonical"  # the job's default expert plan
@@ -225,6 +229,7 @@ def main(argv):
       raise app.UsageError("--init=reading needs --workdir")
     if not os.path.isdir(os.path.join(opts.workdir, cards.READING)):
       raise app.UsageError(f"{opts.workdir} has no reading stage ({cards.READING}/)")
+    config.sft.from_reading = opts.from_reading
     params = cards.sft_start_params(config, opts.workdir, model_cfg)
   results = []
   for variant in opts.variants:
@@ -241,11 +246,14 @@ def main(argv):
     json.dump({"steps": opts.steps, "batch": opts.batch, "deals": opts.deals,
                "seed": opts.seed, "eval_deals": opts.eval, "tokenizer": len(tokenizer),
                "workdir": opts.workdir, "init": opts.init,
+               "from_reading": opts.from_reading if opts.init == "reading" else None,
                "results": results}, f, indent=2)
+  start = (f"the reading stage ({opts.from_reading}; the rest fresh)" if opts.init == "reading"
+           else "scratch")
   lines = ["# Points24 plans in the warm start's JSON format (text, no frame)", "",
            f"The cards job's backbone, tokenizer and SFT optimizer, {opts.steps} steps of "
            f"{opts.batch} deals from a pool of {opts.deals}, each at a random step of its "
-           f"episode, from {'the reading stage' if opts.init == 'reading' else 'scratch'}"
+           f"episode, from {start}"
            f"{f', the tokenizer of {opts.workdir}' if opts.workdir else ''} "
            "(`python -m experiments.points24_restated`). Solved: the greedy "
            "first-step plan, after the true cards restated, uses each value once and "

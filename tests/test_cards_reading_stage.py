@@ -127,6 +127,29 @@ def test_sft_starts_from_the_readings_final_params(read, monkeypatch):
   assert started.value.args[0] == "sft" and _equal(nn.meta.unbox(started.value.args[1]), final)
 
 
+@pytest.mark.parametrize("spec", ["visual", "visual, embed_tokens", "decoder,lm_head"])
+def test_sft_takes_the_groups_from_reading_asks_for_and_starts_the_rest_fresh(read, spec):
+  config, workdir, _ = read
+  model_cfg = _model_cfg(config, workdir)
+  abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
+  final = checkpoint.load_params(os.path.join(workdir, "reading"), abstract)
+  fresh = nn.meta.unbox(qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed)))
+  start = cards.sft_start_params(_with(config, sft=dict(from_reading=spec)), workdir, model_cfg)
+  taken = {name.strip() for name in spec.split(",")}
+  assert set(start) == set(final) and "visual" in start  # lm_head only where untied
+  for group in start:
+    assert _equal(start[group], (final if group in taken else fresh)[group]), group
+    assert not _equal(final[group], fresh[group]), group  # reading moved every group
+
+
+@pytest.mark.parametrize("spec", ["", "vision", "visual,head"])
+def test_an_unknown_group_from_reading_is_a_config_error(read, tmp_path, spec):
+  config, _, _ = read
+  with pytest.raises(ConfigError, match="config.sft.from_reading"):
+    cards_job.run(_with(config, sft=dict(from_reading=spec)), str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
 def test_a_second_run_reuses_the_finished_stage(read, monkeypatch):
   config, workdir, metrics = read
   log = os.path.join(workdir, "reading", "metrics.jsonl")

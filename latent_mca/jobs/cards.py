@@ -54,9 +54,12 @@ def default_config() -> ml_collections.ConfigDict:
   # counterfactual_cards: the share of Points24 first-step rows swapped for the expert's
   # response to another deal, its restated cards out of the loss, so the plan must follow
   # the restatement, not the frame (`stages.cards.counterfactual_cards`); 0: off.
+  # from_reading: the parameter groups SFT takes from the reading stage, "all" or a comma
+  # list of visual, embed_tokens, decoder, lm_head; the others start fresh
+  # (`stages.cards.sft_start_params`).
   c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=16, optimizer=sft_optimizer,
                                          checkpoint_every=200, log_every=25,
-                                         counterfactual_cards=0.0))
+                                         counterfactual_cards=0.0, from_reading="all"))
   # Reading pretraining (`stages.cards.reading`): glyph_steps of one centred symbol whose
   # glyph shrinks from glyph_scale times NumberLine's size to NumberLine's over 2/3 of them,
   # then `steps` of the games' readings (one game per step in turn); eval_frames held-out
@@ -101,6 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not 0.0 <= config.sft.counterfactual_cards <= 1.0:
     raise ConfigError(f"config.sft.counterfactual_cards must be a share in [0, 1], got "
                       f"{config.sft.counterfactual_cards}")
+  cards.reading_groups(config)
   if config.expert.plan not in experts.PLANS:
     raise ConfigError(f"config.expert.plan: unknown plan {config.expert.plan!r}; the plans "
                       f"are {', '.join(experts.PLANS)}")

@@ -58,14 +58,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import PIL
 import PIL.features
@@ -548,10 +546,33 @@ def reading(config, workdir: str) -> dict:
 # ----------------------------------------------------------------------------- SFT
 
 
+# The backbone's top-level parameter groups (`qwen2_5_vl.Qwen2_5_VL`; lm_head only where the
+# head is untied), which `config.sft.from_reading` picks from.
+PARAM_GROUPS = ("visual", "embed_tokens", "decoder", "lm_head")
+
+
+def reading_groups(config) -> tuple[str, ...]:
+  """The parameter groups `config.sft.from_reading` takes from the reading stage.
+
+  Raises:
+    ConfigError: an empty list or a name that is not one of PARAM_GROUPS.
+  """
+  spec = config.sft.from_reading.strip()
+  if spec == "all":
+    return PARAM_GROUPS
+  names = tuple(n.strip() for n in spec.split(",") if n.strip())
+  unknown = [n for n in names if n not in PARAM_GROUPS]
+  if unknown or not names:
+    raise ConfigError(f"config.sft.from_reading: {spec!r}; give 'all' or a comma list of "
+                      f"{', '.join(PARAM_GROUPS)} (unknown: {unknown or 'none given'})")
+  return names
+
+
 def sft_start_params(config, workdir: str, model_cfg):
   """The params SFT starts from: `backbone.checkpoint`'s if set; else the reading stage's
   final ones where workdir/reading holds a checkpoint (and where the config asks for
-  reading steps, it must); else fresh.
+  reading steps, it must), the groups `config.sft.from_reading` leaves out fresh; else
+  fresh (seed `config.seed`, as the reading stage's own start).
 
   Raises:
     CheckpointNotFoundError: config.reading asks for steps but the reading stage did not
@@ -559,12 +580,16 @@ def sft_start_params(config, workdir: str, model_cfg):
   """
   if config.backbone.checkpoint:
     return qwen2_5_vl.load_params(config.backbone.checkpoint, model_cfg)
+  fresh = qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
   stage_dir = os.path.join(workdir, READING)
-  if reading_steps(config) or os.path.isdir(stage_dir):
-    abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
-    logging.info("sft starts from the reading stage's params (%s)", stage_dir)
-    return checkpoint.load_params(stage_dir, abstract)
-  return qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
+  if not (reading_steps(config) or os.path.isdir(stage_dir)):
+    return fresh
+  abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
+  read = checkpoint.load_params(stage_dir, abstract)
+  taken = [g for g in reading_groups(config) if g in read]
+  logging.info("sft starts from the reading stage's params (%s): %s; fresh: %s", stage_dir,
+               ", ".join(taken), ", ".join(sorted(set(read) - set(taken))) or "none")
+  return {group: read[group] if group in taken else fresh[group] for group in read}
 
 
 def sft(config, workdir: str) -> dict:
