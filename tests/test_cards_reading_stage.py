@@ -127,7 +127,8 @@ def test_sft_starts_from_the_readings_final_params(read, monkeypatch):
   assert started.value.args[0] == "sft" and _equal(nn.meta.unbox(started.value.args[1]), final)
 
 
-@pytest.mark.parametrize("spec", ["visual", "visual, embed_tokens", "decoder,lm_head"])
+@pytest.mark.parametrize("spec", ["visual", "visual, embed_tokens", "decoder,lm_head",
+                                  "visual,decoder:1"])
 def test_sft_takes_the_groups_from_reading_asks_for_and_starts_the_rest_fresh(read, spec):
   config, workdir, _ = read
   model_cfg = _model_cfg(config, workdir)
@@ -138,16 +139,32 @@ def test_sft_takes_the_groups_from_reading_asks_for_and_starts_the_rest_fresh(re
   taken = {name.strip() for name in spec.split(",")}
   assert set(start) == set(final) and "visual" in start  # lm_head only where untied
   for group in start:
-    assert _equal(start[group], (final if group in taken else fresh)[group]), group
     assert not _equal(final[group], fresh[group]), group  # reading moved every group
+    if group == "decoder" and "decoder:1" in taken:  # layer 0 read, layer 1 and norm fresh
+      layers = start[group]["layers"]
+      assert _equal(jax.tree.map(lambda x: x[:1], layers),
+                    jax.tree.map(lambda x: x[:1], final[group]["layers"]))
+      assert _equal(jax.tree.map(lambda x: x[1:], layers),
+                    jax.tree.map(lambda x: x[1:], fresh[group]["layers"]))
+      assert _equal(start[group]["norm"], fresh[group]["norm"])
+    else:
+      assert _equal(start[group], (final if group in taken else fresh)[group]), group
 
 
-@pytest.mark.parametrize("spec", ["", "vision", "visual,head"])
+@pytest.mark.parametrize("spec", ["", "vision", "visual,head", "decoder:0", "visual:1",
+                                  "decoder:x", "decoder:"])
 def test_an_unknown_group_from_reading_is_a_config_error(read, tmp_path, spec):
   config, _, _ = read
   with pytest.raises(ConfigError, match="config.sft.from_reading"):
     cards_job.run(_with(config, sft=dict(from_reading=spec)), str(tmp_path))
   assert os.listdir(tmp_path) == []
+
+
+def test_more_decoder_layers_from_reading_than_the_model_has_is_a_config_error(read):
+  config, workdir, _ = read
+  with pytest.raises(ConfigError, match="decoder:3, but the decoder has 2 layers"):
+    cards.sft_start_params(_with(config, sft=dict(from_reading="decoder:3")), workdir,
+                           _model_cfg(config, workdir))
 
 
 def test_a_second_run_reuses_the_finished_stage(read, monkeypatch):

@@ -55,8 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
   # response to another deal, its restated cards out of the loss, so the plan must follow
   # the restatement, not the frame (`stages.cards.counterfactual_cards`); 0: off.
   # from_reading: the parameter groups SFT takes from the reading stage, "all" or a comma
-  # list of visual, embed_tokens, decoder, lm_head; the others start fresh
-  # (`stages.cards.sft_start_params`).
+  # list of visual, embed_tokens, decoder (decoder:K: its lowest K layers), lm_head; the
+  # others start fresh (`stages.cards.sft_start_params`).
   c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=16, optimizer=sft_optimizer,
                                          checkpoint_every=200, log_every=25,
                                          counterfactual_cards=0.0, from_reading="all"))

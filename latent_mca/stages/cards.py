@@ -551,21 +551,42 @@ def reading(config, workdir: str) -> dict:
 PARAM_GROUPS = ("visual", "embed_tokens", "decoder", "lm_head")
 
 
-def reading_groups(config) -> tuple[str, ...]:
-  """The parameter groups `config.sft.from_reading` takes from the reading stage.
+def reading_groups(config) -> dict[str, int | None]:
+  """The parameter groups `config.sft.from_reading` takes from the reading stage: {group:
+  None (all of it), or for "decoder:K" the number of its lowest layers taken}.
 
   Raises:
-    ConfigError: an empty list or a name that is not one of PARAM_GROUPS.
+    ConfigError: an empty list, a name that is not one of PARAM_GROUPS, or a layer count
+      that is not a positive integer.
   """
   spec = config.sft.from_reading.strip()
   if spec == "all":
-    return PARAM_GROUPS
-  names = tuple(n.strip() for n in spec.split(",") if n.strip())
-  unknown = [n for n in names if n not in PARAM_GROUPS]
-  if unknown or not names:
+    return dict.fromkeys(PARAM_GROUPS)
+  groups, bad = {}, []
+  for item in (n.strip() for n in spec.split(",") if n.strip()):
+    name, colon, layers = item.partition(":")
+    if name not in PARAM_GROUPS or (colon and (name != "decoder" or not layers.isdigit()
+                                               or int(layers) < 1)):
+      bad.append(item)
+    else:
+      groups[name] = int(layers) if layers else None
+  if bad or not groups:
     raise ConfigError(f"config.sft.from_reading: {spec!r}; give 'all' or a comma list of "
-                      f"{', '.join(PARAM_GROUPS)} (unknown: {unknown or 'none given'})")
-  return names
+                      f"{', '.join(PARAM_GROUPS)}, decoder:K for its lowest K layers "
+                      f"(not understood: {bad or 'none given'})")
+  return groups
+
+
+def _merge_decoder(read: dict, fresh: dict, layers: int) -> dict:
+  """The decoder with its lowest `layers` (scanned: stacked on axis 0) from `read`, its
+  upper layers and final norm from `fresh`."""
+  total = jax.tree.leaves(read["layers"])[0].shape[0]
+  if layers > total:
+    raise ConfigError(f"config.sft.from_reading: decoder:{layers}, but the decoder has "
+                      f"{total} layers")
+  stacked = jax.tree.map(lambda r, f: jnp.concatenate([r[:layers], f[layers:]]),
+                         read["layers"], fresh["layers"])
+  return dict(fresh, layers=stacked)
 
 
 def sft_start_params(config, workdir: str, model_cfg):
@@ -577,6 +598,7 @@ def sft_start_params(config, workdir: str, model_cfg):
   Raises:
     CheckpointNotFoundError: config.reading asks for steps but the reading stage did not
       run (or did not finish).
+    ConfigError: `config.sft.from_reading` asks for more decoder layers than there are.
   """
   if config.backbone.checkpoint:
     return qwen2_5_vl.load_params(config.backbone.checkpoint, model_cfg)
@@ -584,12 +606,20 @@ def sft_start_params(config, workdir: str, model_cfg):
   stage_dir = os.path.join(workdir, READING)
   if not (reading_steps(config) or os.path.isdir(stage_dir)):
     return fresh
+  groups = reading_groups(config)
   abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
   read = checkpoint.load_params(stage_dir, abstract)
-  taken = [g for g in reading_groups(config) if g in read]
+  start = {}
+  for group in read:
+    if group not in groups:
+      start[group] = fresh[group]
+    elif group == "decoder" and groups[group] is not None:
+      start[group] = _merge_decoder(read[group], fresh[group], groups[group])
+    else:
+      start[group] = read[group]
   logging.info("sft starts from the reading stage's params (%s): %s; fresh: %s", stage_dir,
-               ", ".join(taken), ", ".join(sorted(set(read) - set(taken))) or "none")
-  return {group: read[group] if group in taken else fresh[group] for group in read}
+               config.sft.from_reading, ", ".join(sorted(set(read) - set(groups))) or "none")
+  return start
 
 
 def sft(config, workdir: str) -> dict:
