@@ -602,13 +602,17 @@ def sft_start_params(config, workdir: str, model_cfg):
   """
   if config.backbone.checkpoint:
     return qwen2_5_vl.load_params(config.backbone.checkpoint, model_cfg)
-  fresh = qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
   stage_dir = os.path.join(workdir, READING)
   if not (reading_steps(config) or os.path.isdir(stage_dir)):
-    return fresh
+    return qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
   groups = reading_groups(config)
   abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
   read = checkpoint.load_params(stage_dir, abstract)
+  logging.info("sft starts from the reading stage's params (%s): %s; fresh: %s", stage_dir,
+               config.sft.from_reading, ", ".join(sorted(set(read) - set(groups))) or "none")
+  if all(group in groups and groups[group] is None for group in read):  # all whole
+    return read
+  fresh = qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
   start = {}
   for group in read:
     if group not in groups:
@@ -617,8 +621,6 @@ def sft_start_params(config, workdir: str, model_cfg):
       start[group] = _merge_decoder(read[group], fresh[group], groups[group])
     else:
       start[group] = read[group]
-  logging.info("sft starts from the reading stage's params (%s): %s; fresh: %s", stage_dir,
-               config.sft.from_reading, ", ".join(sorted(set(read) - set(groups))) or "none")
   return start
 
 
