@@ -2,7 +2,7 @@ r"""Does the warm start's response format stop a model of its size planning Poin
 
   python -m experiments.points24_restated [--out results/points24_plans/restated]
       [--steps 300] [--batch 64] [--deals 450] [--variants restated,given,chat]
-      [--eval 512] [--workdir W [--init reading [--from_reading all]]]
+      [--eval 512] [--workdir W [--init reading [--from_reading all] [--shrink 1]]]
 
 `experiments.points24_plans` showed that a decoder of the cards job's sizes plans Points24
 from the four values given as tokens (31.4% of fresh deals: canonical plans, trained at
@@ -35,7 +35,10 @@ scored on as many of the training deals. Writes OUT/points24_restated.{json,md}.
 `--init=reading` starts from its reading stage's params, as the job's SFT does: the text
 model then differs from the VLM warm start only by the frame. `--from_reading` takes only
 some of its parameter groups (`config.sft.from_reading`: visual, embed_tokens, decoder,
-lm_head), the rest fresh, to find which of them stop the plan.
+lm_head), the rest fresh, to find which of them stop the plan. `--shrink s` < 1 starts
+the language model (all but the vision tower) at s * reading + (1 - s) * fresh params
+(shrink and perturb, Ash & Adams 2020), a known cure for a trained network that has lost
+the plasticity to learn a new task.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ def define_flags() -> None:
                     "Start from fresh params, or from --workdir's reading stage.")
   flags.DEFINE_string("from_reading", "all", "With --init=reading, the parameter groups "
                       "taken from it (the job's config.sft.from_reading); the rest fresh.")
+  flags.DEFINE_float("shrink", 1.0, "With --init=reading, start the language model (all but "
+                     "the vision tower) at shrink * reading + (1 - shrink) * fresh: shrink "
+                     "and perturb (Ash & Adams, 2020); 1 keeps the reading stage's params.")
 
 
 PLAN = "canonical"  # the job's default expert plan
@@ -176,6 +182,14 @@ def run(variant: str, tokenizer, model_cfg, pool: np.ndarray, fresh: np.ndarray,
   return out
 
 
+def shrink_perturb(params: dict, fresh: dict, shrink: float) -> dict:
+  """Each language-model group (all but "visual") at shrink * params + (1 - shrink) *
+  fresh; the vision tower as it is."""
+  return {group: value if group == "visual" else jax.tree.map(
+      lambda p, f: shrink * p + (1.0 - shrink) * f, value, fresh[group])
+          for group, value in params.items()}
+
+
 def score(model, params, tokenizer, deals: np.ndarray, variant: str):
   """(whether each deal's greedy first-step plan solves it, the decoded plans)."""
   encode = lambda s: tokenizer(s)["input_ids"]  # prompt and response apart, as trained
@@ -231,6 +245,12 @@ def main(argv):
       raise app.UsageError(f"{opts.workdir} has no reading stage ({cards.READING}/)")
     config.sft.from_reading = opts.from_reading
     params = cards.sft_start_params(config, opts.workdir, model_cfg)
+    if not 0.0 <= opts.shrink <= 1.0:
+      raise app.UsageError(f"--shrink must be in [0, 1], got {opts.shrink}")
+    if opts.shrink < 1.0:
+      params = shrink_perturb(params, qwen2_5_vl.init_params(model_cfg,
+                                                             jax.random.key(opts.seed + 1)),
+                              opts.shrink)
   results = []
   for variant in opts.variants:
     prompt((1, 2, 3, 4), variant, tokenizer)  # an unknown variant fails before training
@@ -247,6 +267,7 @@ def main(argv):
                "seed": opts.seed, "eval_deals": opts.eval, "tokenizer": len(tokenizer),
                "workdir": opts.workdir, "init": opts.init,
                "from_reading": opts.from_reading if opts.init == "reading" else None,
+               "shrink": opts.shrink if opts.init == "reading" else None,
                "results": results}, f, indent=2)
   start = (f"the reading stage ({opts.from_reading}; the rest fresh)" if opts.init == "reading"
            else "scratch")

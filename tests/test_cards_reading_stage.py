@@ -309,3 +309,62 @@ def test_counterfactual_cards_swap_points24_first_steps_out_of_the_loss(read, tm
         assert left_out == text[text.index("[") + 1:text.index("]")]
       else:
         assert left_out == "" and (loss == attention).all()
+
+
+def test_reading_every_mixes_reading_batches_into_sft_in_order_and_resumes(read):
+  """sft.reading_every=3: batches 3, 6, ... are the games' readings (fresh frames, no glyphs,
+  marked), the others the expert loader's own sequence; a restored loader goes on alike."""
+  config, workdir, _ = read
+  processor = cards.load_processor(config, workdir)
+  names = cards.games(config)
+  layout = cards.Layout(config, processor, cards.envs_lib.GAMES)
+  data = [cards.ExpertData(config, workdir, g) for g in names]
+  make = lambda: cards._MixedLoader(
+      cards._ExpertLoader(layout, data, 4, seed=0),
+      cards._ReadingLoader(config, processor, names, glyph_steps=0, seed=7), 3)
+  mixed = make()
+  batches = [next(mixed) for _ in range(6)]
+  experts = cards._ExpertLoader(layout, data, 4, seed=0)
+  for i in (0, 1, 3, 4):
+    assert cards._READING_ROWS not in batches[i]
+    assert _equal(batches[i], next(experts)), i
+  reading = cards._ReadingLoader(config, processor, names, glyph_steps=0, seed=7)
+  decode = processor.tokenizer.decode
+  for i in (2, 5):
+    batch = dict(batches[i])
+    assert batch.pop(cards._READING_ROWS) == 1
+    assert _equal(batch, next(reading)), i
+  # no glyph curriculum: the first is numberline's reading, the second blackjack's
+  second = batches[5]
+  assert "Dealer has" in decode(second["input_ids"][0][second["loss_mask"][0] == 1])
+  assert not _equal(batches[2], next(cards._ReadingLoader(config, processor, names,
+                                                          glyph_steps=0)))  # own frames
+  mixed_again = make()
+  for _ in range(4):
+    next(mixed_again)
+  resumed = make()
+  resumed.restore(mixed_again.state())
+  for _ in range(3):
+    assert _equal(next(resumed), next(mixed_again))
+
+
+def test_sft_with_reading_every_logs_both_losses_and_trains_on_readings(read, tmp_path):
+  config, workdir, _ = read
+  copy = str(tmp_path / "mixed")
+  shutil.copytree(workdir, copy)
+  config = _with(config, sft=dict(num_steps=4, log_every=1, checkpoint_every=2,
+                                  reading_every=2))
+  metrics = cards.sft(config, copy)
+  records = [json.loads(line) for line in open(os.path.join(copy, "sft", "metrics.jsonl"))]
+  assert [("loss" in r, "reading/loss" in r) for r in records] == [(True, False),
+                                                                  (False, True)] * 2
+  assert {"sft/loss", "sft/reading/loss"} <= set(metrics)
+  assert os.path.isfile(os.path.join(copy, "sft", "curves.png"))
+
+
+@pytest.mark.parametrize("every", [1, -2])
+def test_a_bad_reading_every_is_a_config_error(read, tmp_path, every):
+  config, _, _ = read
+  with pytest.raises(ConfigError, match="config.sft.reading_every"):
+    cards_job.run(_with(config, sft=dict(reading_every=every)), str(tmp_path))
+  assert os.listdir(tmp_path) == []

@@ -81,3 +81,15 @@ def test_a_short_run_trains_and_scores_every_deal(tokenizer):
     assert [e.split(":")[0] for e in result[f"{name}_examples"]] == [
         str(tuple(int(v) for v in d)) for d in (fresh if name == "fresh" else POOL)[:4]]
   assert np.isfinite(result["final_loss"])
+
+
+def test_shrink_perturb_moves_the_language_model_toward_fresh_and_keeps_vision():
+  params = {"visual": {"w": np.full(3, 4.0)}, "decoder": {"w": np.full(3, 4.0)},
+            "embed_tokens": {"e": np.full((2, 2), -2.0)}}
+  fresh = {"visual": {"w": np.zeros(3)}, "decoder": {"w": np.full(3, 2.0)},
+           "embed_tokens": {"e": np.ones((2, 2))}}
+  half = restated.shrink_perturb(params, fresh, 0.25)
+  np.testing.assert_allclose(half["visual"]["w"], 4.0)
+  np.testing.assert_allclose(half["decoder"]["w"], 0.25 * 4 + 0.75 * 2)
+  np.testing.assert_allclose(half["embed_tokens"]["e"], 0.25 * -2 + 0.75 * 1)
+  np.testing.assert_allclose(restated.shrink_perturb(params, fresh, 1.0)["decoder"]["w"], 4.0)

@@ -56,10 +56,14 @@ def default_config() -> ml_collections.ConfigDict:
   # the restatement, not the frame (`stages.cards.counterfactual_cards`); 0: off.
   # from_reading: the parameter groups SFT takes from the reading stage, "all" or a comma
   # list of visual, embed_tokens, decoder (decoder:K: its lowest K layers), lm_head; the
-  # others start fresh (`stages.cards.sft_start_params`).
+  # others start fresh (`stages.cards.sft_start_params`). reading_every: every that
+  # many-th of the num_steps batches is one of the games' readings on fresh frames (the
+  # reading stage's rows, config.reading.batch_size of them), the rest expert responses;
+  # 0: none (`stages.cards._MixedLoader`).
   c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=16, optimizer=sft_optimizer,
                                          checkpoint_every=200, log_every=25,
-                                         counterfactual_cards=0.0, from_reading="all"))
+                                         counterfactual_cards=0.0, from_reading="all",
+                                         reading_every=0))
   # Reading pretraining (`stages.cards.reading`): glyph_steps of one centred symbol whose
   # glyph shrinks from glyph_scale times NumberLine's size to NumberLine's over 2/3 of them,
   # then `steps` of the games' readings (one game per step in turn); eval_frames held-out
@@ -105,6 +109,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.sft.counterfactual_cards must be a share in [0, 1], got "
                       f"{config.sft.counterfactual_cards}")
   cards.reading_groups(config)
+  if config.sft.reading_every < 0 or config.sft.reading_every == 1:
+    raise ConfigError(f"config.sft.reading_every must be 0 (no reading batches) or >= 2 (one "
+                      f"in that many batches), got {config.sft.reading_every}")
   if config.expert.plan not in experts.PLANS:
     raise ConfigError(f"config.expert.plan: unknown plan {config.expert.plan!r}; the plans "
                       f"are {', '.join(experts.PLANS)}")

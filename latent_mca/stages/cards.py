@@ -432,6 +432,47 @@ class _ExpertLoader:
     self.step = int(state["step"])
 
 
+# A batch holding this key is a reading batch in SFT (`_MixedLoader`); `_sft_step` pops it.
+_READING_ROWS = "reading_rows"
+
+
+class _MixedLoader:
+  """`sft.reading_every` > 0: every that many-th batch is one of the games' readings (the
+  reading stage's rows on fresh frames, no glyphs; marked with `_READING_ROWS`), the rest
+  the expert loader's, in its order. Resumable."""
+
+  def __init__(self, expert: _ExpertLoader, reading: _ReadingLoader, every: int):
+    self.expert, self.reading, self.every, self.step = expert, reading, every, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    self.step += 1
+    if self.step % self.every:
+      return next(self.expert)
+    return dict(next(self.reading), **{_READING_ROWS: np.ones((), np.int32)})
+
+  def state(self) -> dict:
+    return {"step": self.step, "expert": self.expert.state(), "reading": self.reading.state()}
+
+  def restore(self, state: dict) -> None:
+    self.step = int(state["step"])
+    self.expert.restore(state["expert"])
+    self.reading.restore(state["reading"])
+
+
+def _sft_step(state, batch, rng, *, model):
+  """`backbone.train_step`; on a reading batch (`_MixedLoader`) its metrics are named
+  "reading/..." (the batch's keys are fixed at trace time: one compilation per kind)."""
+  batch = dict(batch)
+  reading_rows = batch.pop(_READING_ROWS, None) is not None
+  state, metrics = backbone_lib.train_step(state, batch, rng, model=model)
+  if reading_rows:
+    metrics = {f"{READING}/{k}": v for k, v in metrics.items()}
+  return state, metrics
+
+
 def _setup(config, workdir: str):
   names = games(config)
   processor = load_processor(config, workdir)
@@ -466,10 +507,14 @@ class _ReadingLoader:
   """The reading stage's batches by step: the glyph curriculum's `glyph_steps`, then one
   game's readings per step in turn. Drawn with keys of (seed, step): resumable."""
 
-  def __init__(self, config, processor, names: Sequence[str]):
+  def __init__(self, config, processor, names: Sequence[str], glyph_steps: int | None = None,
+               seed: int | None = None):
+    """glyph_steps and seed default to config.reading's and config's."""
     r = config.reading
-    self.processor, self.size, self.seed = processor, config.image_size, config.seed
-    self.glyph_steps, self.scale, self.batch_size = r.glyph_steps, r.glyph_scale, r.batch_size
+    self.processor, self.size = processor, config.image_size
+    self.seed = config.seed if seed is None else seed
+    self.glyph_steps = r.glyph_steps if glyph_steps is None else glyph_steps
+    self.scale, self.batch_size = r.glyph_scale, r.batch_size
     length = reading_lib.prompt_length(processor, config.image_size, names)
     self.glyph_prompt = reading_lib.padded_prompt(processor, config.image_size, None, length)
     self.frames = [reading_lib.GameFrames(processor, make_env(config, g), g, config.image_size,
@@ -630,8 +675,7 @@ def sft(config, workdir: str) -> dict:
   _, processor, layout, model_cfg = _setup(config, workdir)
   c = config.sft
   # one step object: every warm start reuses its compilation (`loop.jit_step`)
-  train_step = functools.partial(backbone_lib.train_step,
-                                 model=qwen2_5_vl.Qwen2_5_VL(model_cfg))
+  train_step = functools.partial(_sft_step, model=qwen2_5_vl.Qwen2_5_VL(model_cfg))
   out = {}
   for folder, names in warm_starts(config, workdir):
     data = [ExpertData(config, workdir, g) for g in names]
@@ -640,11 +684,17 @@ def sft(config, workdir: str) -> dict:
     state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
     loader = _ExpertLoader(layout, data, c.batch_size, config.seed,
                            counterfactual=c.counterfactual_cards, plan=config.expert.plan)
+    if c.reading_every:
+      # fresh frames: the reading stage drew its own with keys of config.seed
+      loader = _MixedLoader(loader, _ReadingLoader(config, processor, names, glyph_steps=0,
+                                                   seed=config.seed + 2), c.reading_every)
     _, history = loop.train(SFT, folder, state, train_step, loader, c.num_steps,
                             checkpoint_every=c.checkpoint_every, log_every=c.log_every)
     stage_dir = os.path.join(folder, SFT)
     metrics_lib.plot_metrics(os.path.join(stage_dir, "metrics.jsonl"),
-                             os.path.join(stage_dir, "curves.png"), ["loss", "accuracy"])
+                             os.path.join(stage_dir, "curves.png"),
+                             ["loss", "accuracy", f"{READING}/loss", f"{READING}/accuracy"],
+                             skip_missing=True)
     prefix = _stage_prefix(config, SFT, names)
     out.update({prefix + k: v for k, v in loop.final_metrics(history).items()})
   return out
