@@ -100,6 +100,23 @@ def test_the_expert_plan_is_checked_in_the_config_and_against_the_saved_data(tmp
   cards.check_plan(config, "numberline", {"plan": "canonical"}, meta)  # plans nothing
 
 
+def test_saved_expert_data_of_another_size_is_a_config_error_not_reused(tmp_path):
+  config = cards_configs.get_config("smoke")
+  config.expert.update(dict(transitions=100, num_envs=32))  # 4 steps of 32: 128
+  meta = str(tmp_path / "expert" / "points24.json")
+  cards.check_transitions(config, {"transitions": 128}, meta)
+  with pytest.raises(ConfigError, match=r"points24.json: the expert data holds 64 transitions, "
+                                        r"config.expert.transitions=100 asks for 128; pass "
+                                        r"--config.expert.transitions=64"):
+    cards.check_transitions(config, {"transitions": 64}, meta)
+  config.expert.num_envs = 0
+  with pytest.raises(ConfigError, match="config.expert.num_envs"):
+    cards.check_transitions(config, {"transitions": 128}, meta)
+  with pytest.raises(ConfigError, match="config.expert.num_envs"):
+    cards_job.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
 def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start_per_game():
   base, gpu = cards_configs.get_config("all"), cards_configs.get_config("gpu")
   assert gpu.games == base.games == "numberline,ezpoints,points24,blackjack"

@@ -215,6 +215,7 @@ def expert(config, workdir: str) -> dict:
       _write_expert(config, game, npz, meta)
     info = _json(meta)
     check_plan(config, game, info, meta)
+    check_transitions(config, info, meta)
     out.update({f"expert/{game}/{k}": info[k] for k in ("transitions", "episodes",
                                                         "success_rate")})
   return out
@@ -228,6 +229,22 @@ def check_plan(config, game: str, info: dict, meta: str) -> None:
     raise ConfigError(f"{meta}: the expert data plans by {saved!r}, config.expert.plan is "
                       f"{config.expert.plan!r}; pass --config.expert.plan={saved} to go on "
                       "with this workdir, or use a new one")
+
+
+def check_transitions(config, info: dict, meta: str) -> None:
+  """ConfigError unless the saved expert data holds as many transitions as
+  config.expert.transitions asks for (rounded up to whole steps of config.expert.num_envs),
+  so a changed count is not silently trained on the old data."""
+  e = config.expert
+  if e.num_envs <= 0 or e.transitions <= 0:
+    raise ConfigError(f"config.expert.num_envs and config.expert.transitions must be positive, "
+                      f"got {e.num_envs} and {e.transitions}")
+  asked = -(-e.transitions // e.num_envs) * e.num_envs
+  if info["transitions"] != asked:
+    raise ConfigError(f"{meta}: the expert data holds {info['transitions']} transitions, "
+                      f"config.expert.transitions={e.transitions} asks for {asked}; pass "
+                      f"--config.expert.transitions={info['transitions']} to go on with this "
+                      "workdir, or use a new one")
 
 
 def _write_expert(config, game: str, npz: str, meta: str) -> None:
