@@ -31,7 +31,9 @@ on held-out frames, true and shuffled), and sft starts from its params. With it
 NumberLine's warm start wins 98% of its episodes, without it 66.5%
 (results/cards_cpu_reading/ against results/cards_cpu/). `--config.reading.glyph_steps=0
 --config.reading.steps=0` turns it off. A workdir whose sft finished reuses that sft as
-it is.
+it is. `--config.sft.reading_every=N` also makes every N-th SFT batch one of the games'
+readings, so SFT keeps (or, with `--config.sft.from_reading=visual`, learns) the reading
+while it learns the responses (results/points24_plans/README.md).
 """
 
 from latent_mca.jobs import cards

@@ -112,9 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.sft.reading_every < 0 or config.sft.reading_every == 1:
     raise ConfigError(f"config.sft.reading_every must be 0 (no reading batches) or >= 2 (one "
                       f"in that many batches), got {config.sft.reading_every}")
-  if config.expert.num_envs <= 0 or config.expert.transitions <= 0:
-    raise ConfigError(f"config.expert.num_envs and config.expert.transitions must be positive, "
-                      f"got {config.expert.num_envs} and {config.expert.transitions}")
+  cards.check_expert_counts(config)
   if config.expert.plan not in experts.PLANS:
     raise ConfigError(f"config.expert.plan: unknown plan {config.expert.plan!r}; the plans "
                       f"are {', '.join(experts.PLANS)}")

@@ -231,14 +231,20 @@ def check_plan(config, game: str, info: dict, meta: str) -> None:
                       "with this workdir, or use a new one")
 
 
+def check_expert_counts(config) -> None:
+  """ConfigError unless config.expert's environment and transition counts are positive."""
+  e = config.expert
+  if e.num_envs <= 0 or e.transitions <= 0:
+    raise ConfigError(f"config.expert.num_envs and config.expert.transitions must be positive, "
+                      f"got {e.num_envs} and {e.transitions}")
+
+
 def check_transitions(config, info: dict, meta: str) -> None:
   """ConfigError unless the saved expert data holds as many transitions as
   config.expert.transitions asks for (rounded up to whole steps of config.expert.num_envs),
   so a changed count is not silently trained on the old data."""
   e = config.expert
-  if e.num_envs <= 0 or e.transitions <= 0:
-    raise ConfigError(f"config.expert.num_envs and config.expert.transitions must be positive, "
-                      f"got {e.num_envs} and {e.transitions}")
+  check_expert_counts(config)
   asked = -(-e.transitions // e.num_envs) * e.num_envs
   if info["transitions"] != asked:
     raise ConfigError(f"{meta}: the expert data holds {info['transitions']} transitions, "
