@@ -95,16 +95,21 @@ def outcome(game: str, episode: dict) -> str | None:
   if episode["won"]:
     return "won"
   for step in steps:
-    typed, response = step["view"]["formula"], step["response"]
-    if formula_line(response) != "".join(typed):
+    response, named = step["response"], next_symbol(step["response"])
+    if not reads_formula(step):
       return "formula misread"
     if planned(response) != plan:
       return "plan changed"
-    if next_symbol(response) != plan_next(plan[0], typed):
+    if named != plan_next(plan[0], step["view"]["formula"]):
       return "next symbol wrong"
-    if step["action"] != next_symbol(response):
+    if step["action"] != named:
       return "action off the plan"
   return "other"
+
+
+def reads_formula(step: dict) -> bool:
+  """Whether the step's response restates the formula line as the frame shows it."""
+  return formula_line(step["response"]) == "".join(step["view"]["formula"])
 
 
 def plan_next(plan: list[str], typed: list[str]) -> str | None:
@@ -118,8 +123,7 @@ def plan_next(plan: list[str], typed: list[str]) -> str | None:
 def summarize(game: str, episodes: list[dict]) -> dict:
   """Counts of `play`'s episodes: finished, won, first plan right, and each outcome."""
   labels = [outcome(game, e) for e in episodes]
-  typed = [s for e in episodes for s in e["steps"] if s["view"]["formula"]]
-  read = [formula_line(s["response"]) == "".join(s["view"]["formula"]) for s in typed]
+  read = [reads_formula(s) for e in episodes for s in e["steps"] if s["view"]["formula"]]
   counts = collections.Counter(label for label in labels if label is not None)
   return {"episodes": len(episodes), "finished": sum(e["finished"] for e in episodes),
           "won": sum(e["won"] for e in episodes),
