@@ -355,17 +355,29 @@ class CardEnv:
     _, ranks, suits = jax.lax.while_loop(unsolvable, deal, (jnp.zeros((), jnp.int32), aces, aces))
     return self._points_state(ranks, suits)
 
+  def _symbols(self):
+    """int32 [num_actions]: each action's symbol id (`SYMBOLS`), EZPoints / Points24."""
+    return jnp.asarray([SYMBOLS.index(a) for a in self.actions], jnp.int32)
+
+  def legal_actions(self, state):
+    """bool [num_actions]: the actions `step` would not refuse as illegal. In EZPoints and
+    Points24 a number is legal only on a card not yet used; everything else always is."""
+    if self.name not in POINTS_GAMES:
+      return jnp.ones(self.num_actions, bool)
+    symbols = self._symbols()
+    typed = jnp.arange(state.formula.shape[0]) < state.formula_len
+    uses = jnp.sum(typed[None] & (state.formula[None] == symbols[:, None]), 1)
+    cards = jnp.sum(card_values(state.ranks)[None] == symbols[:, None] + 1, 1)
+    return (symbols >= arith.MAX_NUMBER) | (uses < cards)
+
   def _points_step(self, key, state, action):
     del key
-    symbols = jnp.asarray([SYMBOLS.index(a) for a in self.actions], jnp.int32)
-    symbol = symbols[action]
-    values = card_values(state.ranks)
-    typed = jnp.arange(state.formula.shape[0]) < state.formula_len
+    symbol = self._symbols()[action]
     too_long = state.length > self.max_formula_length
-    is_number, is_equals = symbol < arith.MAX_NUMBER, symbol == arith.EQUALS
-    uses = jnp.sum(typed & (state.formula == symbol))
-    illegal = ~too_long & is_number & (uses >= jnp.sum(values == symbol + 1))
+    is_equals = symbol == arith.EQUALS
+    illegal = ~too_long & ~self.legal_actions(state)[action]
     num, den, valid = arith.evaluate(state.formula, state.formula_len)
+    values = card_values(state.ranks)
     correct = (valid & (num == self.target * den)
                & arith.uses_each_once(state.formula, state.formula_len, values))
     submitted = ~too_long & is_equals

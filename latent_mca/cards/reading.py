@@ -74,8 +74,18 @@ def reading(game: str, view: dict) -> str:
   return text[:text.index('"thoughts"')]
 
 
-def random_states(env: envs_lib.CardEnv, key, n: int, max_actions: int = 4):
-  """n states: a reset, then 0..max_actions uniformly random actions (auto-resetting)."""
+def random_states(env: envs_lib.CardEnv, key, n: int, max_actions: int = 4,
+                  formula_symbols: int = 0):
+  """n states: a reset, then 0..max_actions uniformly random actions (auto-resetting).
+
+  formula_symbols > 0 (EZPoints, Points24): instead a formula of 0..formula_symbols
+  symbols (at most the game's `max_formula_length`; each length equally likely) typed
+  with legal actions only and never "=": each symbol is, with even odds, one of the
+  numbers on unused cards (while any is left) or an operator, uniformly within its kind.
+  """
+  if formula_symbols and env.name in envs_lib.POINTS_GAMES:
+    return jax.vmap(functools.partial(_random_formula, env, min(
+        formula_symbols, env.max_formula_length)))(jax.random.split(key, n))
 
   def one(key):
     k_reset, k_len, key = jax.random.split(key, 3)
@@ -93,6 +103,46 @@ def random_states(env: envs_lib.CardEnv, key, n: int, max_actions: int = 4):
     return jax.lax.fori_loop(0, max_actions, body, (state, key))[0]
 
   return jax.vmap(one)(jax.random.split(key, n))
+
+
+def _random_formula(env: envs_lib.CardEnv, max_symbols: int, key):
+  """One points-game state: a deal and a random legal formula (`random_states`)."""
+  k_reset, k_len, key = jax.random.split(key, 3)
+  state = env.reset_state(k_reset)
+  length = jax.random.randint(k_len, (), 0, max_symbols + 1)
+  is_number = jnp.asarray([a in envs_lib.NUMBERS for a in env.actions])
+  is_operator = jnp.asarray([a not in envs_lib.NUMBERS and a != "=" for a in env.actions])
+
+  def body(i, carry):
+    state, key = carry
+    key, k_kind, k_action, k_step = jax.random.split(key, 4)
+    numbers = is_number & env.legal_actions(state)
+    pick_number = jax.random.bernoulli(k_kind) & jnp.any(numbers)
+    allowed = jnp.where(pick_number, numbers, is_operator)
+    action = jax.random.categorical(k_action, jnp.where(allowed, 0.0, -jnp.inf))
+    stepped, _, _, _ = env.step_state(k_step, state, action)
+    state = jax.tree.map(lambda old, new: jnp.where(i < length, new, old), state, stepped)
+    return state, key
+
+  return jax.lax.fori_loop(0, max_symbols, body, (state, key))[0]
+
+
+def reading_width(tokenizer, envs, formula_symbols: int = 0) -> int:
+  """Target tokens that hold every reading of `envs`' frames drawn by `random_states`:
+  MAX_READING, or more for a points game's formulas of up to `formula_symbols` symbols.
+  That bound is the tokens of the empty formula's reading with every card a 10, plus one
+  per character the formula can add (one per symbol, two for a 10: at most one per card)
+  and one more (the closing quote's token may split off)."""
+  width = MAX_READING
+  for env in envs:
+    if formula_symbols and env.name in envs_lib.POINTS_GAMES:
+      cards = envs_lib.NUM_CARDS[env.name]
+      view = {"cards": [(10, 0)] * cards, "values": [10] * cards, "formula": [],
+              "target": env.target}
+      empty = len(tokenizer(reading(env.name, view))["input_ids"])
+      symbols = min(formula_symbols, env.max_formula_length)
+      width = max(width, empty + symbols + cards + 1)
+  return width
 
 
 def prompt_ids(processor, image_size: int, game: str | None = None) -> np.ndarray:
@@ -156,24 +206,30 @@ def target_batch(processor, prompt, texts: list[str], frames, size: int,
 
 
 def glyph_batch(processor, prompt, rng: np.random.Generator, n: int, scale: float,
-                size: int, symbols=SYMBOLS, anywhere: bool = False) -> dict:
+                size: int, symbols=SYMBOLS, anywhere: bool = False,
+                width: int = MAX_READING) -> dict:
   """n frames of one symbol each (drawn from `symbols` by `rng`), the glyph at `scale`
-  times NumberLine's, centred (or anywhere); the target is the symbol's text."""
+  times NumberLine's, centred (or anywhere); the target is the symbol's text (`width`
+  target tokens)."""
   chosen = [symbols[k] for k in rng.integers(0, len(symbols), n)]
   font = round(render_lib.NUMBER_TEXT * scale)
   frames = np.stack([glyph_frame(s, font, rng if anywhere else None) for s in chosen])
-  return target_batch(processor, prompt, chosen, jnp.asarray(frames), size)
+  return target_batch(processor, prompt, chosen, jnp.asarray(frames), size, width)
 
 
 class GameFrames:
   """Batches of (reading prompt, reading) on fresh frames of one game: random states
-  (`random_states`), never repeated for different keys."""
+  (`random_states`, with its `formula_symbols`), never repeated for different keys;
+  `width` target tokens (`reading_width`)."""
 
   def __init__(self, processor, env: envs_lib.CardEnv, game: str, image_size: int,
-               prompt_len: int):
+               prompt_len: int, formula_symbols: int = 0, width: int = MAX_READING):
     self.processor, self.size, self.game, self.env = processor, image_size, game, env
+    self.width = width
     self.prompt = padded_prompt(processor, image_size, game, prompt_len)
-    self.states = jax.jit(functools.partial(random_states, env), static_argnums=1)
+    self.states = jax.jit(functools.partial(random_states, env,
+                                            formula_symbols=formula_symbols),
+                          static_argnums=1)
     self.observe = jax.jit(jax.vmap(env.observe))
 
   def batch(self, key, n: int, shuffle_frames: bool = False) -> dict:
@@ -186,7 +242,7 @@ class GameFrames:
     frames = self.observe(states)
     if shuffle_frames:
       frames = frames[np.roll(np.arange(n), 1)]
-    return target_batch(self.processor, self.prompt, texts, frames, self.size)
+    return target_batch(self.processor, self.prompt, texts, frames, self.size, self.width)
 
 
 def value_accuracy(sums_fn, params, batch: dict) -> float:

@@ -69,12 +69,15 @@ def default_config() -> ml_collections.ConfigDict:
   # then `steps` of the games' readings (one game per step in turn); eval_frames held-out
   # frames per game for the value tokens' accuracy. 0 + 0 steps: off (as
   # results/cards_cpu was made; results/cards_cpu_reading with these defaults).
+  # formula_symbols: 0, the points games' frames are 0..4 uniformly random actions after a
+  # deal (formulas of at most 4 symbols); N > 0, random legal formulas of 0..N symbols
+  # (`reading.random_states`), in the stage's rows and in sft.reading_every's.
   reading_optimizer = optimizer_config()
   reading_optimizer.update(dict(learning_rate=2e-3, warmup_steps=30, final_fraction=0.05,
                                 weight_decay=0.01))
   c.reading = ml_collections.ConfigDict(dict(
       glyph_steps=300, steps=1200, glyph_scale=4.0, batch_size=16, optimizer=reading_optimizer,
-      checkpoint_every=200, log_every=25, eval_frames=64))
+      checkpoint_every=200, log_every=25, eval_frames=64, formula_symbols=0))
   c.latent = latent.latent_defaults()
   c.latent_idm = latent.stage_defaults(200, 16, 0, 1e-3, "inverse_warmup", warmup_steps=20)
   c.latent_bc = latent.stage_defaults(200, 16, 0, 1e-3, "policy_bc", warmup_steps=20)

@@ -510,7 +510,7 @@ def _setup(config, workdir: str):
 def check_reading_config(config) -> None:
   """ConfigError naming the field of `config.reading` that is out of range."""
   r = config.reading
-  for name in ("glyph_steps", "steps"):
+  for name in ("glyph_steps", "steps", "formula_symbols"):
     if r[name] < 0:
       raise ConfigError(f"config.reading.{name} must be >= 0, got {r[name]}")
   for name in ("batch_size", "checkpoint_every", "log_every", "eval_frames"):
@@ -540,8 +540,11 @@ class _ReadingLoader:
     self.scale, self.batch_size = r.glyph_scale, r.batch_size
     length = reading_lib.prompt_length(processor, config.image_size, names)
     self.glyph_prompt = reading_lib.padded_prompt(processor, config.image_size, None, length)
-    self.frames = [reading_lib.GameFrames(processor, make_env(config, g), g, config.image_size,
-                                          length) for g in names]
+    envs = [make_env(config, g) for g in names]
+    symbols = r.formula_symbols
+    self.width = reading_lib.reading_width(processor.tokenizer, envs, symbols)
+    self.frames = [reading_lib.GameFrames(processor, env, g, config.image_size, length,
+                                          symbols, self.width) for env, g in zip(envs, names)]
     self.step = 0
 
   def __iter__(self):
@@ -552,7 +555,8 @@ class _ReadingLoader:
     if i < self.glyph_steps:
       batch = reading_lib.glyph_batch(
           self.processor, self.glyph_prompt, np.random.default_rng([self.seed, i]),
-          self.batch_size, reading_lib.shrink_scale(i, self.glyph_steps, self.scale), self.size)
+          self.batch_size, reading_lib.shrink_scale(i, self.glyph_steps, self.scale), self.size,
+          width=self.width)
     else:
       frames = self.frames[(i - self.glyph_steps) % len(self.frames)]
       batch = frames.batch(jax.random.fold_in(jax.random.key(self.seed), i), self.batch_size)
@@ -581,6 +585,11 @@ def reading(config, workdir: str) -> dict:
   result_path = os.path.join(stage_dir, "result.json")
   if os.path.isfile(result_path):
     result = _json(result_path)
+    saved = result.get("formula_symbols", 0)  # results written before it was an option
+    if saved != r.formula_symbols:
+      raise ConfigError(f"{stage_dir} was trained with config.reading.formula_symbols="
+                        f"{saved}, the config asks for {r.formula_symbols}: use another "
+                        f"workdir (or set it back)")
     if result["num_steps"] == total and result["games"] == names:
       return result["metrics"]
   processor = load_processor(config, workdir)
@@ -607,7 +616,8 @@ def reading(config, workdir: str) -> dict:
     for suffix, shuffle in (("value_accuracy", False), ("value_accuracy/shuffled", True)):
       out[f"reading/{frames.game}/{suffix}"] = reading_lib.value_accuracy(
           sums, state.params, frames.batch(key, r.eval_frames, shuffle))
-  backbone_lib.write_json(result_path, {"num_steps": total, "games": names, "metrics": out})
+  backbone_lib.write_json(result_path, {"num_steps": total, "games": names,
+                                        "formula_symbols": r.formula_symbols, "metrics": out})
   return out
 
 
