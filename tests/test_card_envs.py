@@ -23,6 +23,7 @@ from gymnasium.utils.env_checker import check_env
 
 from latent_mca.cards import arith, envs
 from latent_mca.cards import gym as card_gym
+from latent_mca.cards import reading as cards_reading
 from latent_mca.cards.render import SYMBOLS
 
 ENVS = {game: envs.make(game) for game in envs.GAMES}
@@ -321,6 +322,30 @@ def test_ezpoints_illegal_numbers_cost_one_and_go_on():
   assert EZ.describe(state)["formula"] == ["4", "*", "3"]
   assert int(state.length) == 5  # the two refused numbers count towards the length limit
   assert results[-1][2]["success"] and results[-1][2]["episode_return"] == 8
+
+
+def test_legal_actions_are_the_numbers_on_unused_cards_and_every_other_symbol():
+  legal = _jit(P24, "legal_actions")
+  state, _ = play(P24, table(P24, [13, 4, 4, 1]), act(P24, "10", "+", "4"))  # K 4 4 A
+  expected = {"10": False, "4": True, "1": True}  # one 4 left, the ace unused, K used
+  assert [bool(x) for x in legal(state)] == [
+      expected.get(a, a not in envs.NUMBERS) for a in P24.actions]
+  state, _ = play(P24, state, act(P24, "4", "1"))
+  assert [a for a, x in zip(P24.actions, legal(state)) if x] == list("+-*/()=")
+  for env in (NL, BJ):
+    assert _jit(env, "legal_actions")(_jit(env, "reset_state")(KEY)).tolist() == [True] * 2
+
+
+@pytest.mark.parametrize("game", ["ezpoints", "points24"])
+def test_legal_actions_agree_with_what_step_refuses(game):
+  env = ENVS[game]
+  step = jit(jax.vmap(jax.vmap(env.step_state, (None, None, 0)), (None, 0, None)))
+  states = jit(functools.partial(cards_reading.random_states, env), static_argnums=1)(KEY, 64)
+  _, _, _, info = step(KEY, states, jnp.arange(env.num_actions))
+  legal = jit(jax.vmap(env.legal_actions))(states)
+  live = ~states.done & (states.length <= env.max_formula_length)
+  assert live.sum() > 32
+  np.testing.assert_array_equal(info["illegal"][live], ~legal[live])
 
 
 def test_ezpoints_formula_length_limit():

@@ -1,9 +1,13 @@
 """The reading curriculum's frames and schedule (latent_mca.cards.reading, shared by the
 cards job's reading stage and experiments/cards_reading.py)."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 
+from latent_mca.cards import envs
 from latent_mca.cards import reading as cards_reading
 from latent_mca.cards import render
 
@@ -60,3 +64,43 @@ def test_every_symbol_a_reading_holds_fits_at_four_times_and_each_differs():
 def test_the_shrink_curriculum_starts_at_the_given_scale():
   assert cards_reading.shrink_scale(0, 30, 3.0) == pytest.approx(3.0)
   assert cards_reading.shrink_scale(20, 30, 3.0) == pytest.approx(1.0)
+
+
+def _states(game, n, **kwargs):
+  env = envs.make(game)
+  states = jax.jit(functools.partial(cards_reading.random_states, env, **kwargs),
+                   static_argnums=1)(jax.random.key(0), n)
+  return env, jax.device_get(states)
+
+
+@pytest.mark.parametrize("game, symbols, longest", [("points24", 12, 12), ("ezpoints", 9, 5)])
+def test_formula_states_type_legal_formulas_of_every_length_up_to_the_cap(game, symbols,
+                                                                          longest):
+  env, states = _states(game, 512, formula_symbols=symbols)
+  lengths = states.formula_len
+  assert set(lengths.tolist()) == set(range(longest + 1))  # ezpoints: its limit of 5
+  assert not states.done.any()
+  np.testing.assert_array_equal(states.steps, lengths)  # nothing refused, no "="
+  np.testing.assert_array_equal(states.length, lengths)
+  first_numbers = 0
+  for row in range(len(lengths)):
+    view = env.describe(jax.tree.map(lambda x, r=row: x[r], states))
+    numbers = [s for s in view["formula"] if s in envs.NUMBERS]
+    assert "=" not in view["formula"]
+    for number in set(numbers):  # each card at most once
+      assert numbers.count(number) <= view["values"].count(int(number)), view
+    first_numbers += bool(view["formula"]) and view["formula"][0] in envs.NUMBERS
+  assert 0.4 < first_numbers / (lengths > 0).sum() < 0.6  # a number or an operator: even odds
+
+
+@pytest.mark.parametrize("game", ["numberline", "blackjack"])
+def test_formula_symbols_leave_the_other_games_states_as_they_were(game):
+  _, plain = _states(game, 64)
+  _, with_option = _states(game, 64, formula_symbols=12)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(with_option)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_default_points_states_hold_at_most_four_symbols():
+  _, states = _states("points24", 512)
+  assert states.formula_len.max() <= 4 and (states.formula_len == 0).any()

@@ -67,6 +67,39 @@ def test_the_stage_writes_its_checkpoint_metrics_and_accuracies(read):
   assert metrics["reading/step"] == 4 and np.isfinite(metrics["reading/loss"])
   result = json.load(open(os.path.join(stage, "result.json")))
   assert result["metrics"] == metrics and result["num_steps"] == 4
+  assert result["formula_symbols"] == 0
+
+
+def test_a_stage_read_with_other_formulas_is_a_config_error_and_kept(read):
+  config, workdir, _ = read
+  result = os.path.join(workdir, "reading", "result.json")
+  before = open(result).read()
+  longer = _with(config)
+  longer.reading.formula_symbols = 15
+  with pytest.raises(ConfigError, match="formula_symbols=0, the config asks for 15"):
+    cards.reading(longer, workdir)
+  assert open(result).read() == before
+
+
+def test_long_formula_readings_fit_their_width_uncut(read):
+  config, workdir, _ = read
+  processor = cards.load_processor(config, workdir)
+  config = _with(config, games="points24")
+  config.reading.formula_symbols = 15
+  loader = cards._ReadingLoader(config, processor, ["points24"], glyph_steps=1)
+  glyphs, first = next(loader), next(loader)
+  assert loader.width > cards.reading_lib.MAX_READING
+  assert glyphs["input_ids"].shape == first["input_ids"].shape
+  frames = loader.frames[0]
+  batch = frames.batch(jax.random.key(1), 256)
+  formulas = []
+  for ids, mask in zip(batch["input_ids"], batch["loss_mask"]):
+    text = processor.tokenizer.decode(ids[mask == 1])
+    assert text.endswith('", ') and mask[-1] == 0, text  # whole, with room to spare
+    formulas.append(json.loads(text[:-2] + "}")["current formula"])
+  assert max(map(len, formulas)) > 12 and min(map(len, formulas)) == 0
+  others = [cards.make_env(config, g) for g in ("numberline", "blackjack")]
+  assert cards.reading_lib.reading_width(processor.tokenizer, others, 15) == 32  # MAX_READING
 
 
 def test_the_batches_share_one_shape_and_replay_by_step(read):
@@ -209,7 +242,8 @@ def test_a_missing_tokenizer_names_the_stage_to_run(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("glyph_steps", -1), ("steps", -5),
-                                          ("glyph_scale", 0.5), ("batch_size", 0)])
+                                          ("glyph_scale", 0.5), ("batch_size", 0),
+                                          ("formula_symbols", -1)])
 def test_bad_reading_values_are_config_errors_naming_the_field(tmp_path, field, value):
   config = _config()
   config.reading[field] = value
