@@ -33,7 +33,10 @@ NumberLine's warm start wins 98% of its episodes, without it 66.5%
 --config.reading.steps=0` turns it off. A workdir whose sft finished reuses that sft as
 it is. `--config.sft.reading_every=N` also makes every N-th SFT batch one of the games'
 readings, so SFT keeps (or, with `--config.sft.from_reading=visual`, learns) the reading
-while it learns the responses (results/points24_plans/README.md).
+while it learns the responses (results/points24_plans/README.md). The points games'
+reading rows show formulas of at most 4 symbols unless `--config.reading.formula_symbols=N`
+makes them random legal formulas of 0..N symbols (a workdir's reading stage keeps the
+value it was trained with: another is a ConfigError).
 """
 
 from latent_mca.jobs import cards
