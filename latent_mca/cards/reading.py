@@ -83,48 +83,47 @@ def random_states(env: envs_lib.CardEnv, key, n: int, max_actions: int = 4,
   with legal actions only and never "=": each symbol is, with even odds, one of the
   numbers on unused cards (while any is left) or an operator, uniformly within its kind.
   """
+  # choose(state, *choice_keys keys) -> action; advance(key, state, action) -> state
   if formula_symbols and env.name in envs_lib.POINTS_GAMES:
-    return jax.vmap(functools.partial(_random_formula, env, min(
-        formula_symbols, env.max_formula_length)))(jax.random.split(key, n))
+    steps = min(formula_symbols, env.max_formula_length)
+    choose, choice_keys = _formula_symbol(env), 2
+    advance = lambda key, state, action: env.step_state(key, state, action)[0]
+  else:
+    steps, choice_keys = max_actions, 1
+    choose = lambda state, key: jax.random.randint(key, (), 0, env.num_actions)
+    advance = lambda key, state, action: env.step_autoreset(key, state, action)[1]
 
   def one(key):
     k_reset, k_len, key = jax.random.split(key, 3)
     state = env.reset_state(k_reset)
-    length = jax.random.randint(k_len, (), 0, max_actions + 1)
+    length = jax.random.randint(k_len, (), 0, steps + 1)
 
     def body(i, carry):
       state, key = carry
-      key, k_action, k_step = jax.random.split(key, 3)
-      action = jax.random.randint(k_action, (), 0, env.num_actions)
-      _, stepped, _, _, _ = env.step_autoreset(k_step, state, action)
+      key, *k_choose, k_step = jax.random.split(key, 2 + choice_keys)
+      stepped = advance(k_step, state, choose(state, *k_choose))
       state = jax.tree.map(lambda old, new: jnp.where(i < length, new, old), state, stepped)
       return state, key
 
-    return jax.lax.fori_loop(0, max_actions, body, (state, key))[0]
+    return jax.lax.fori_loop(0, steps, body, (state, key))[0]
 
   return jax.vmap(one)(jax.random.split(key, n))
 
 
-def _random_formula(env: envs_lib.CardEnv, max_symbols: int, key):
-  """One points-game state: a deal and a random legal formula (`random_states`)."""
-  k_reset, k_len, key = jax.random.split(key, 3)
-  state = env.reset_state(k_reset)
-  length = jax.random.randint(k_len, (), 0, max_symbols + 1)
+def _formula_symbol(env: envs_lib.CardEnv):
+  """choose(state, k_kind, k_action): `random_states`' choice of a points game's next
+  formula symbol, a legal number or an operator with even odds (an operator once no
+  number is legal), uniform within its kind."""
   is_number = jnp.asarray([a in envs_lib.NUMBERS for a in env.actions])
   is_operator = jnp.asarray([a not in envs_lib.NUMBERS and a != "=" for a in env.actions])
 
-  def body(i, carry):
-    state, key = carry
-    key, k_kind, k_action, k_step = jax.random.split(key, 4)
+  def choose(state, k_kind, k_action):
     numbers = is_number & env.legal_actions(state)
     pick_number = jax.random.bernoulli(k_kind) & jnp.any(numbers)
     allowed = jnp.where(pick_number, numbers, is_operator)
-    action = jax.random.categorical(k_action, jnp.where(allowed, 0.0, -jnp.inf))
-    stepped, _, _, _ = env.step_state(k_step, state, action)
-    state = jax.tree.map(lambda old, new: jnp.where(i < length, new, old), state, stepped)
-    return state, key
+    return jax.random.categorical(k_action, jnp.where(allowed, 0.0, -jnp.inf))
 
-  return jax.lax.fori_loop(0, max_symbols, body, (state, key))[0]
+  return choose
 
 
 def reading_width(tokenizer, envs, formula_symbols: int = 0) -> int:
