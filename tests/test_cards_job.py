@@ -4,9 +4,13 @@ import json
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import cards as cards_configs
+from latent_mca.cards import experts
 from latent_mca.config_schema import ConfigError
 from latent_mca.jobs import cards as cards_job
 from latent_mca.stages import cards
@@ -115,6 +119,55 @@ def test_saved_expert_data_of_another_size_is_a_config_error_not_reused(tmp_path
   with pytest.raises(ConfigError, match="config.expert.num_envs"):
     cards_job.run(config, str(tmp_path))
   assert os.listdir(tmp_path) == []
+
+
+def test_noise_actions_are_legal_random_and_never_end_a_points_episode():
+  env = cards.make_env(cards_configs.get_config("smoke"), "points24")
+  # K 4 4 A with "4" typed once: the other 4, the ace and every operator but "=" are left
+  state = env.reset_state(jax.random.key(0)).replace(ranks=jnp.asarray([13, 4, 4, 1]))
+  state = env.step_state(jax.random.key(0), state, env.actions.index("4"))[0]
+  batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (600,) + x.shape), state)
+  drawn = cards.noise_actions(env, batch, np.random.default_rng(0))
+  names = {env.actions[a] for a in drawn}
+  assert names == {"1", "4", "10", "+", "-", "*", "/", "(", ")"}
+  counts = np.bincount(drawn, minlength=env.num_actions)
+  assert counts[counts > 0].min() > 600 / 9 / 2  # about uniform over the 9
+  blackjack = cards.make_env(cards_configs.get_config("smoke"), "blackjack")
+  states = jax.vmap(blackjack.reset_state)(jax.random.split(jax.random.key(1), 200))
+  assert set(cards.noise_actions(blackjack, states, np.random.default_rng(0))) == {0, 1}
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_noisy_expert_data_labels_off_plan_states_with_the_experts_response(tmp_path, noise):
+  config = cards_configs.get_config("smoke")
+  config.games = "points24"
+  config.expert.update(dict(transitions=256, num_envs=16, noise=noise))  # 16 steps
+  metrics = cards.expert(config, str(tmp_path))
+  meta = json.load(open(tmp_path / "expert" / "points24.json"))
+  assert meta["noise"] == noise and meta["transitions"] == 256
+  data = cards.ExpertData(config, str(tmp_path), "points24")
+  off_plan = 0
+  for i in range(len(data)):
+    view = data.env.describe(jax.tree.map(lambda x: x[i], data.states))
+    # every saved response is the expert's for its state, noisy step or not
+    assert data.texts[i] == experts.expert_response("points24", view, "canonical")[0]
+    plan = experts.planned_solution(view["values"], 24, "+-*/")
+    off_plan += tuple(view["formula"]) != plan[:len(view["formula"])]
+  if noise:
+    assert off_plan > 10 and metrics["expert/points24/success_rate"] < 1.0
+  else:
+    assert off_plan == 0 and metrics["expert/points24/success_rate"] == 1.0
+  # the same workdir with another noise is refused, not trained on
+  config.expert.noise = 0.25
+  with pytest.raises(ConfigError, match=f"played with noise {noise}, config.expert.noise is "
+                                        f"0.25; pass --config.expert.noise={noise}"):
+    cards.expert(config, str(tmp_path))
+  with pytest.raises(ConfigError, match=f"played with noise {noise}"):
+    cards.ExpertData(config, str(tmp_path), "points24")
+  assert json.load(open(tmp_path / "expert" / "points24.json")) == meta
+  config.expert.noise = 1.0
+  with pytest.raises(ConfigError, match=r"config.expert.noise must be in \[0, 1\), got 1.0"):
+    cards.check_expert_counts(config)
 
 
 def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start_per_game():

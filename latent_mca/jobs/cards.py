@@ -46,8 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = mesh_lib.mesh_config()
   c.precision = precision.precision_config()
   # per game; plan: the points games' plan in the thoughts, "canonical" (one per multiset
-  # of values) or "deal" (by card order, as results/cards_* were made; `cards.experts`)
-  c.expert = ml_collections.ConfigDict(dict(transitions=2048, num_envs=64, plan="canonical"))
+  # of values) or "deal" (by card order, as results/cards_* were made; `cards.experts`);
+  # noise: the share of steps that play a random legal action (never a points game's "=")
+  # instead of the expert's, whose response for the state is still what is saved (DART):
+  # states off the expert's plan, e.g. formula lines that are no prefix of it; 0: off.
+  c.expert = ml_collections.ConfigDict(dict(transitions=2048, num_envs=64, plan="canonical",
+                                            noise=0.0))
   sft_optimizer = optimizer_config()
   sft_optimizer.update(dict(learning_rate=2e-3, warmup_steps=30, final_fraction=0.05,
                             weight_decay=0.01))

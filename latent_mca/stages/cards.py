@@ -215,6 +215,7 @@ def expert(config, workdir: str) -> dict:
       _write_expert(config, game, npz, meta)
     info = _json(meta)
     check_plan(config, game, info, meta)
+    check_noise(config, info, meta)
     check_transitions(config, info, meta)
     out.update({f"expert/{game}/{k}": info[k] for k in ("transitions", "episodes",
                                                         "success_rate")})
@@ -231,12 +232,25 @@ def check_plan(config, game: str, info: dict, meta: str) -> None:
                       "with this workdir, or use a new one")
 
 
+def check_noise(config, info: dict, meta: str) -> None:
+  """ConfigError unless the saved expert data was played with config.expert.noise (data
+  saved before the option: 0)."""
+  saved = info.get("noise", 0.0)
+  if saved != config.expert.noise:
+    raise ConfigError(f"{meta}: the expert data was played with noise {saved}, "
+                      f"config.expert.noise is {config.expert.noise}; pass "
+                      f"--config.expert.noise={saved} to go on with this workdir, or use a new one")
+
+
 def check_expert_counts(config) -> None:
-  """ConfigError unless config.expert's environment and transition counts are positive."""
+  """ConfigError unless config.expert's environment and transition counts are positive and
+  its noise a probability below 1."""
   e = config.expert
   if e.num_envs <= 0 or e.transitions <= 0:
     raise ConfigError(f"config.expert.num_envs and config.expert.transitions must be positive, "
                       f"got {e.num_envs} and {e.transitions}")
+  if not 0.0 <= e.noise < 1.0:
+    raise ConfigError(f"config.expert.noise must be in [0, 1), got {e.noise}")
 
 
 def check_transitions(config, info: dict, meta: str) -> None:
@@ -253,10 +267,24 @@ def check_transitions(config, info: dict, meta: str) -> None:
                       "workdir, or use a new one")
 
 
+def noise_actions(env, state, rng: np.random.Generator) -> np.ndarray:
+  """int [B]: `config.expert.noise`'s random actions for a batch of states, uniform over
+  the legal ones (`CardEnv.legal_actions`) except a points game's "=", which would end
+  the episode instead of leaving it off the plan."""
+  legal = np.array(jax.vmap(env.legal_actions)(state))
+  if env.name in envs_lib.POINTS_GAMES:
+    legal[:, env.actions.index("=")] = False
+  return np.array([rng.choice(np.flatnonzero(row)) for row in legal])
+
+
 def _write_expert(config, game: str, npz: str, meta: str) -> None:
+  """Plays config.expert.transitions steps of `game` with the expert (with probability
+  config.expert.noise a step plays a random action instead, DART-style: Laskey et al.,
+  2017; the expert's response for that state is what is saved)."""
   env = make_env(config, game)
   n, steps = config.expert.num_envs, -(-config.expert.transitions // config.expert.num_envs)
   key = jax.random.fold_in(jax.random.key(config.seed), envs_lib.GAMES.index(game))
+  rng = np.random.default_rng([config.seed, envs_lib.GAMES.index(game)])
   state = jax.jit(jax.vmap(env.reset_state))(jax.random.split(key, n))
   step = jax.jit(jax.vmap(env.step_autoreset))
   states, texts, episodes = [], [], Episodes(n)
@@ -268,6 +296,9 @@ def _write_expert(config, game: str, npz: str, meta: str) -> None:
           jax.tree.map(lambda x: x[i], host)), config.expert.plan)
       texts.append(text)
       actions.append(env.actions.index(action))
+    if config.expert.noise:
+      actions = np.where(rng.random(n) < config.expert.noise,
+                         noise_actions(env, host, rng), actions)
     states.append(host)
     keys = jax.random.split(jax.random.fold_in(key, t + 1), n)
     _, state, _, done, info = step(keys, state, jnp.asarray(actions, jnp.int32))
@@ -279,6 +310,7 @@ def _write_expert(config, game: str, npz: str, meta: str) -> None:
   np.savez(tmp, *leaves)
   os.replace(tmp, npz)
   backbone_lib.write_json(meta, {"game": game, "plan": config.expert.plan,
+                                 "noise": config.expert.noise,
                                  "transitions": len(texts),
                                  "episodes": len(episodes),
                                  "success_rate": (episodes.success_rate(len(episodes)) / 100
@@ -300,6 +332,7 @@ class ExpertData:
     self.states = jax.tree.unflatten(jax.tree.structure(template), leaves)
     info = _json(meta)
     check_plan(config, game, info, meta)
+    check_noise(config, info, meta)
     self.texts = info["responses"]
     self.observe = jax.jit(jax.vmap(self.env.observe))
 
