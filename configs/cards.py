@@ -36,7 +36,10 @@ readings, so SFT keeps (or, with `--config.sft.from_reading=visual`, learns) the
 while it learns the responses (results/points24_plans/README.md). The points games'
 reading rows show formulas of at most 4 symbols unless `--config.reading.formula_symbols=N`
 makes them random legal formulas of 0..N symbols (a workdir's reading stage keeps the
-value it was trained with: another is a ConfigError).
+value it was trained with: another is a ConfigError). `--config.expert.noise=P` makes the
+expert play a random legal action on a share P of its steps while its response for each
+state is still what is saved (DART), so the warm start also sees formula lines off its
+plan (a workdir's expert data keeps the P it was played with).
 """
 
 from latent_mca.jobs import cards
