@@ -184,6 +184,40 @@ def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start_per_game():
     assert gpu[field] == base[field], field
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def test_the_points24_config_is_the_recorded_warm_start_that_wins_above_the_reference():
+  """configs/cards.py:points24 is the config recorded with the 4000-step warm start of
+  results/points24_plans (4.5% of the last 200 episodes), but for what one command now
+  says otherwise: that run's reading stage had short formulas (run before it) and its SFT
+  reading rows 0..15 symbols, now sft.reading_formula_symbols; PPO at lr 1e-5, as its
+  ppo_token_lr1e-5 run; the options added since at their defaults."""
+  run = os.path.join(os.path.dirname(__file__), "..", "results", "points24_plans",
+                     "vlm_reading_cpu", "formula15_visual_4k")
+  recorded = _flat(json.load(open(os.path.join(run, "config.json"))))
+  config = _flat(cards_configs.get_config("points24").to_dict())
+  differ = {k: (recorded.get(k), config.get(k)) for k in set(recorded) | set(config)
+            if recorded.get(k) != config.get(k)}
+  assert differ == {
+      "reading.formula_symbols": (15, 0), "sft.reading_formula_symbols": (None, 15),
+      "ppo.learning_rate": (1e-4, 1e-5), "expert.noise": (None, 0.0),
+      "stages": ("sft", cards_job.default_config().stages)}
+  lr_run = json.load(open(os.path.join(run, "ppo_token_lr1e-5", "config.json")))
+  assert lr_run["ppo"] == cards_configs.get_config("points24").ppo.to_dict() | {
+      "trainable": [""]}
+  for game in ("numberline", "ezpoints", "blackjack"):  # the others are the defaults
+    assert _flat(cards_configs.get_config(game).to_dict()) == _flat(
+        cards_configs.get_config("all").to_dict()) | {"games": game}
+
+
 def test_a_stage_without_its_inputs_names_them(tmp_path):
   config = cards_configs.get_config("smoke")
   config.games = "numberline"

@@ -396,6 +396,44 @@ def test_sft_with_reading_every_logs_both_losses_and_trains_on_readings(read, tm
   assert os.path.isfile(os.path.join(copy, "sft", "curves.png"))
 
 
+@pytest.mark.parametrize("symbols,expected", [(-1, 0), (15, 15), (0, 0)])
+def test_sft_reading_rows_take_their_formula_length_from_sft_or_the_stage(
+    read, tmp_path, monkeypatch, symbols, expected):
+  """sft.reading_formula_symbols sets the SFT reading rows' formulas (-1: the reading
+  stage's), and the stage that read short formulas (0) is still what SFT starts from."""
+  config, workdir, _ = read
+  copy = str(tmp_path / "mixed")
+  shutil.copytree(workdir, copy)
+  made = []
+
+  class Spy(cards._ReadingLoader):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      made.append(self)
+
+  monkeypatch.setattr(cards, "_ReadingLoader", Spy)
+  config = _with(config, games="points24,blackjack",
+                 sft=dict(num_steps=2, log_every=1, checkpoint_every=2, reading_every=2,
+                          reading_formula_symbols=symbols))
+  cards.check_reading_config(config)
+  assert cards.sft_formula_symbols(config) == expected
+  cards.expert(config, copy)  # points24's data beside the fixture's games
+  cards.sft(config, copy)
+  assert (len(made), made[0].frames[0].game) == (1, "points24")
+  long = cards.reading_lib.reading_width(
+      cards.load_processor(config, copy).tokenizer, [cards.make_env(config, "points24")], 15)
+  assert (made[0].width == long) == (expected == 15)
+  assert json.load(open(os.path.join(copy, "reading", "result.json")))["formula_symbols"] == 0
+
+
+def test_a_bad_sft_reading_formula_length_is_a_config_error(read, tmp_path):
+  config, _, _ = read
+  with pytest.raises(ConfigError, match="config.sft.reading_formula_symbols must be >= 0"):
+    cards_job.run(_with(config, sft=dict(reading_formula_symbols=-2)), str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("every", [1, -2])
 def test_a_bad_reading_every_is_a_config_error(read, tmp_path, every):
   config, _, _ = read

@@ -63,11 +63,12 @@ def default_config() -> ml_collections.ConfigDict:
   # others start fresh (`stages.cards.sft_start_params`). reading_every: every that
   # many-th of the num_steps batches is one of the games' readings on fresh frames (the
   # reading stage's rows, config.reading.batch_size of them), the rest expert responses;
-  # 0: none (`stages.cards._MixedLoader`).
+  # 0: none (`stages.cards._MixedLoader`). reading_formula_symbols: the points games'
+  # formulas in those rows, as reading.formula_symbols; -1: the reading stage's value.
   c.sft = ml_collections.ConfigDict(dict(num_steps=600, batch_size=16, optimizer=sft_optimizer,
                                          checkpoint_every=200, log_every=25,
                                          counterfactual_cards=0.0, from_reading="all",
-                                         reading_every=0))
+                                         reading_every=0, reading_formula_symbols=-1))
   # Reading pretraining (`stages.cards.reading`): glyph_steps of one centred symbol whose
   # glyph shrinks from glyph_scale times NumberLine's size to NumberLine's over 2/3 of them,
   # then `steps` of the games' readings (one game per step in turn); eval_frames held-out
@@ -141,6 +142,19 @@ def gpu_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.expert.transitions = 4096
   c.reading.update(dict(glyph_steps=1000, steps=8000, batch_size=32))
   c.sft.update(dict(num_steps=2000, batch_size=32))
+  return c
+
+
+def points24_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Gives `c` (in place; also returned) the Points24 warm start that wins above the
+  reference on 2 CPU cores (results/points24_plans/README.md): 32768 expert transitions,
+  4000 SFT steps of which every second is a reading batch whose points-game frames show
+  formulas of 0..15 symbols (the reading stage keeps its short ones), SFT taking only the
+  vision tower from the reading stage, and PPO at the reference's learning rate 1e-5."""
+  c.expert.transitions = 32768
+  c.sft.update(dict(num_steps=4000, from_reading="visual", reading_every=2,
+                    reading_formula_symbols=15))
+  c.ppo.learning_rate = 1e-5
   return c
 
 

@@ -552,6 +552,9 @@ def check_reading_config(config) -> None:
   if r.glyph_scale < 1:
     raise ConfigError(f"config.reading.glyph_scale must be >= 1 (a multiple of NumberLine's "
                       f"glyph size), got {r.glyph_scale}")
+  if config.sft.reading_formula_symbols < -1:
+    raise ConfigError(f"config.sft.reading_formula_symbols must be >= 0, or -1 for "
+                      f"config.reading.formula_symbols, got {config.sft.reading_formula_symbols}")
   total = r.glyph_steps + r.steps
   if total and r.optimizer.schedule == "cosine" and total <= r.optimizer.warmup_steps:
     raise ConfigError(f"config.reading.optimizer.warmup_steps={r.optimizer.warmup_steps} "
@@ -559,13 +562,21 @@ def check_reading_config(config) -> None:
                       f"{total}")
 
 
+def sft_formula_symbols(config) -> int:
+  """The points games' formula length in SFT's reading rows (`sft.reading_every`):
+  `sft.reading_formula_symbols`, or the reading stage's (`reading.formula_symbols`) where
+  it is -1."""
+  n = config.sft.reading_formula_symbols
+  return config.reading.formula_symbols if n == -1 else n
+
+
 class _ReadingLoader:
   """The reading stage's batches by step: the glyph curriculum's `glyph_steps`, then one
   game's readings per step in turn. Drawn with keys of (seed, step): resumable."""
 
   def __init__(self, config, processor, names: Sequence[str], glyph_steps: int | None = None,
-               seed: int | None = None):
-    """glyph_steps and seed default to config.reading's and config's."""
+               seed: int | None = None, formula_symbols: int | None = None):
+    """glyph_steps, seed and formula_symbols default to config.reading's and config's."""
     r = config.reading
     self.processor, self.size = processor, config.image_size
     self.seed = config.seed if seed is None else seed
@@ -574,7 +585,7 @@ class _ReadingLoader:
     length = reading_lib.prompt_length(processor, config.image_size, names)
     self.glyph_prompt = reading_lib.padded_prompt(processor, config.image_size, None, length)
     envs = [make_env(config, g) for g in names]
-    symbols = r.formula_symbols
+    symbols = r.formula_symbols if formula_symbols is None else formula_symbols
     self.width = reading_lib.reading_width(processor.tokenizer, envs, symbols)
     self.frames = [reading_lib.GameFrames(processor, env, g, config.image_size, length,
                                           symbols, self.width) for env, g in zip(envs, names)]
@@ -752,8 +763,9 @@ def sft(config, workdir: str) -> dict:
                            counterfactual=c.counterfactual_cards, plan=config.expert.plan)
     if c.reading_every:
       # fresh frames: the reading stage drew its own with keys of config.seed
-      loader = _MixedLoader(loader, _ReadingLoader(config, processor, names, glyph_steps=0,
-                                                   seed=config.seed + 2), c.reading_every)
+      reading = _ReadingLoader(config, processor, names, glyph_steps=0, seed=config.seed + 2,
+                               formula_symbols=sft_formula_symbols(config))
+      loader = _MixedLoader(loader, reading, c.reading_every)
     _, history = loop.train(SFT, folder, state, train_step, loader, c.num_steps,
                             checkpoint_every=c.checkpoint_every, log_every=c.log_every)
     stage_dir = os.path.join(folder, SFT)
