@@ -16,7 +16,9 @@ latent model; each game's PPO runs are its own. `smoke` is the same graph at toy
 (`cards.gpu_budget`: 4096 expert transitions per game, 1000 glyph steps and 8000 reading
 steps at batch 32) and one warm start per game, as the reference trains one model per
 task (`warm_start=per_game`: 2000 SFT steps at batch 32 and the latent model, each game's
-in workdir/<game>/). With one shared warm start (`--config.warm_start=shared`) the whole
+in workdir/<game>/), Points24's with its recipe as `config.per_game.points24` (a game's
+expert, sft, latent_idm, latent_bc and ppo values in place of the job's; the report names
+them). With one shared warm start (`--config.warm_start=shared`) the whole
 job took 7 to 13 minutes on one H100 and its warm start reads the frames far better than
 the CPU job's (results/cards_gpu_h100/); Blackjack trained alone reads them better still
 (results/cards_gpu_h100/blackjack_alone_cpu/).
@@ -48,6 +50,7 @@ plan (a workdir's expert data keeps the P it was played with).
 """
 
 from latent_mca.jobs import cards
+from latent_mca.stages import cards as stages_cards
 
 GAMES = ("numberline", "ezpoints", "points24", "blackjack")
 
@@ -64,6 +67,7 @@ def get_config(arg=None):
   config.ppo.learning_rate = 1e-4
   if arg == "gpu":
     cards.gpu_budget(config)
+    config.per_game.points24 = cards.points24_recipe()
   if arg == "points24":
-    cards.points24_recipe(config)
+    config = stages_cards.overridden(config, cards.points24_recipe())
   return config

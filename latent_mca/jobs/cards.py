@@ -101,6 +101,10 @@ def default_config() -> ml_collections.ConfigDict:
       f.name: f.default for f in dataclasses.fields(ppo.PPOConfig) if f.name != "max_new_tokens"})
   c.ppo.update(dict(num_envs=16, num_steps=8, minibatch_size=32, num_updates=4,
                     lr_decay_updates=4, latent_top_k=32, trainable=("",)))
+  # {game: {section: {field: value}}}: one game's expert, sft, latent_idm, latent_bc or ppo
+  # values in place of the ones above (sft and latent_* with warm_start=per_game only;
+  # `stages.cards.game_config`), e.g. `gpu`'s per_game.points24 (`points24_recipe`).
+  c.per_game = ml_collections.ConfigDict()
   return c
 
 
@@ -113,6 +117,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       f"{', '.join(cards.STAGES)}")
   cards.games(config)  # a bad games list fails before any work
   cards.check_warm_start(config)
+  cards.check_per_game(config)
+  _check(config)
+  for game in cards.games(config):
+    if config.get("per_game", {}).get(game):
+      try:
+        _check(cards.game_config(config, game))
+      except ConfigError as e:
+        raise ConfigError(f"with config.per_game.{game}'s values: {e}") from None
+  metrics = {}
+  for stage in stages:
+    logging.info("cards stage %s", stage)
+    metrics.update(cards.STAGES[stage](config, workdir))
+  return metrics
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first field of `config` out of its range."""
   if not 0.0 <= config.sft.counterfactual_cards <= 1.0:
     raise ConfigError(f"config.sft.counterfactual_cards must be a share in [0, 1], got "
                       f"{config.sft.counterfactual_cards}")
@@ -125,11 +146,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError(f"config.expert.plan: unknown plan {config.expert.plan!r}; the plans "
                       f"are {', '.join(experts.PLANS)}")
   cards.check_reading_config(config)
-  metrics = {}
-  for stage in stages:
-    logging.info("cards stage %s", stage)
-    metrics.update(cards.STAGES[stage](config, workdir))
-  return metrics
 
 
 def gpu_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -145,17 +161,19 @@ def gpu_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def points24_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Gives `c` (in place; also returned) the Points24 warm start that wins above the
+def points24_recipe() -> ml_collections.ConfigDict:
+  """The Points24 settings ({section: {field: value}}) whose warm start wins above the
   reference on 2 CPU cores (results/points24_plans/README.md): 32768 expert transitions,
   4000 SFT steps of which every second is a reading batch whose points-game frames show
   formulas of 0..15 symbols (the reading stage keeps its short ones), SFT taking only the
-  vision tower from the reading stage, and PPO at the reference's learning rate 1e-5."""
-  c.expert.transitions = 32768
-  c.sft.update(dict(num_steps=4000, from_reading="visual", reading_every=2,
-                    reading_formula_symbols=15))
-  c.ppo.learning_rate = 1e-5
-  return c
+  vision tower from the reading stage, and PPO at the reference's learning rate 1e-5.
+  configs/cards.py:points24 is the defaults with them; `gpu` sets them as
+  per_game.points24."""
+  return ml_collections.ConfigDict(dict(
+      expert=dict(transitions=32768),
+      sft=dict(num_steps=4000, from_reading="visual", reading_every=2,
+               reading_formula_symbols=15),
+      ppo=dict(learning_rate=1e-5)))
 
 
 def smoke_config() -> ml_collections.ConfigDict:

@@ -56,6 +56,7 @@ must be multiples of the batch shards (data x fsdp).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -137,10 +138,74 @@ def warm_starts(config, workdir: str) -> list[tuple[str, list[str]]]:
   return [(os.path.join(workdir, g), [g]) for g in names]
 
 
+def warm_start_config(config, names: Sequence[str]):
+  """The config a warm start of `names` (`warm_starts`) trains with: its game's
+  (`game_config`) per game, else `config` (shared warm starts take no per-game settings)."""
+  return game_config(config, names[0]) if config.warm_start == PER_GAME else config
+
+
 def warm_start_dir(config, workdir: str, game: str) -> str:
   """The folder of the warm start `game` starts its evaluation and PPO from."""
   check_warm_start(config)
   return workdir if config.warm_start == SHARED else os.path.join(workdir, game)
+
+
+# config.per_game: {game: {section: {field: value}}}, what one game's expert data, warm start
+# (per_game warm starts only), latent policy fitting, evaluation and PPO take instead of the
+# top-level values, e.g. per_game.points24.ppo.learning_rate: as the reference tunes each
+# task. `game_config` applies them; the stages and `Actor` / `ExpertData` call it.
+PER_GAME_SECTIONS = ("expert", "sft", "latent_idm", "latent_bc", "ppo")
+_WARM_START_SECTIONS = ("sft", "latent_idm", "latent_bc")
+
+
+def _override(target, values, path: str) -> None:
+  for key, value in values.items():
+    if key not in target:
+      raise ConfigError(f"{path}.{key}: no such field (that group has "
+                        f"{', '.join(sorted(target))})")
+    if hasattr(target[key], "items"):
+      if not hasattr(value, "items"):
+        raise ConfigError(f"{path}.{key} overrides a group: give it fields, got {value!r}")
+      _override(target[key], value, f"{path}.{key}")
+    else:
+      target[key] = value
+
+
+def overridden(config, overrides, name: str = "config"):
+  """A copy of `config` with the values of `overrides` ({section: {field: value}}, nested
+  as the config) in place of its own; ConfigError naming a field it lacks (`name` its
+  path)."""
+  out = copy.deepcopy(config)
+  for section, values in overrides.items():
+    _override(out[section], values, f"{name}.{section}")
+  return out
+
+
+def game_config(config, game: str):
+  """`config` with `config.per_game[game]`'s values in place of the top-level ones (a copy;
+  `config` itself where the game has none)."""
+  overrides = config.get("per_game", {}).get(game)
+  if not overrides:
+    return config
+  return overridden(config, overrides, f"per_game.{game}")
+
+
+def check_per_game(config) -> None:
+  """ConfigError naming what is wrong in `config.per_game`: a game or section not allowed,
+  a field the config lacks, or warm-start settings with one shared warm start."""
+  for game, overrides in config.get("per_game", {}).items():
+    if game not in envs_lib.GAMES:
+      raise ConfigError(f"config.per_game.{game}: no such game; choose from "
+                        f"{', '.join(envs_lib.GAMES)}")
+    for section in overrides:
+      if section not in PER_GAME_SECTIONS:
+        raise ConfigError(f"config.per_game.{game}.{section}: only "
+                          f"{', '.join(PER_GAME_SECTIONS)} can be set per game")
+      if section in _WARM_START_SECTIONS and config.warm_start == SHARED:
+        raise ConfigError(f"config.per_game.{game}.{section}: one shared warm start "
+                          f"(config.warm_start={SHARED!r}) has no per-game {section}; use "
+                          f"--config.warm_start={PER_GAME} or set it for every game")
+    game_config(config, game)  # unknown fields
 
 
 def _stage_prefix(config, stage: str, names: Sequence[str]) -> str:
@@ -210,13 +275,14 @@ def expert(config, workdir: str) -> dict:
   check_render(workdir)
   out = {}
   for game in games(config):
+    game_cfg = game_config(config, game)
     npz, meta = _expert_paths(workdir, game)
     if not os.path.isfile(meta):
-      _write_expert(config, game, npz, meta)
+      _write_expert(game_cfg, game, npz, meta)
     info = _json(meta)
-    check_plan(config, game, info, meta)
-    check_noise(config, info, meta)
-    check_transitions(config, info, meta)
+    check_plan(game_cfg, game, info, meta)
+    check_noise(game_cfg, info, meta)
+    check_transitions(game_cfg, info, meta)
     out.update({f"expert/{game}/{k}": info[k] for k in ("transitions", "episodes",
                                                         "success_rate")})
   return out
@@ -325,6 +391,7 @@ class ExpertData:
     npz, meta = _expert_paths(workdir, game)
     if not os.path.isfile(meta):
       raise checkpoint.CheckpointNotFoundError(meta, "expert", "run the expert stage first")
+    config = game_config(config, game)
     self.game, self.env = game, make_env(config, game)
     template = self.env.reset_state(jax.random.key(0))
     with np.load(npz) as f:
@@ -750,21 +817,22 @@ def sft(config, workdir: str) -> dict:
   """The supervised warm start(s) on the listed games' expert responses (from
   `sft_start_params`): one on every game, or one per game (`warm_starts`)."""
   _, processor, layout, model_cfg = _setup(config, workdir)
-  c = config.sft
   # one step object: every warm start reuses its compilation (`loop.jit_step`)
   train_step = functools.partial(_sft_step, model=qwen2_5_vl.Qwen2_5_VL(model_cfg))
   out = {}
   for folder, names in warm_starts(config, workdir):
+    config_w = warm_start_config(config, names)
+    c = config_w.sft
     data = [ExpertData(config, workdir, g) for g in names]
-    params = sft_start_params(config, workdir, model_cfg)
+    params = sft_start_params(config_w, workdir, model_cfg)
     tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
     state = state_lib.TrainState.create(params, tx, jax.random.key(config.seed))
     loader = _ExpertLoader(layout, data, c.batch_size, config.seed,
-                           counterfactual=c.counterfactual_cards, plan=config.expert.plan)
+                           counterfactual=c.counterfactual_cards, plan=config_w.expert.plan)
     if c.reading_every:
       # fresh frames: the reading stage drew its own with keys of config.seed
-      reading = _ReadingLoader(config, processor, names, glyph_steps=0, seed=config.seed + 2,
-                               formula_symbols=sft_formula_symbols(config))
+      reading = _ReadingLoader(config_w, processor, names, glyph_steps=0, seed=config.seed + 2,
+                               formula_symbols=sft_formula_symbols(config_w))
       loader = _MixedLoader(loader, reading, c.reading_every)
     _, history = loop.train(SFT, folder, state, train_step, loader, c.num_steps,
                             checkpoint_every=c.checkpoint_every, log_every=c.log_every)
@@ -800,7 +868,7 @@ def latent(config, workdir: str) -> dict:
     data = [ExpertData(config, workdir, g) for g in names]
     start = None
     for stage, train_step in stage_steps:
-      c = config[stage]
+      c = warm_start_config(config, names)[stage]
       if start is None:
         params, extra = system.init(_sft_backbone(folder, model_cfg),
                                     jax.random.key(config.seed))
@@ -840,6 +908,7 @@ class Actor:
   """
 
   def __init__(self, config, workdir: str, game: str, space: str):
+    config = game_config(config, game)
     _, processor, layout, model_cfg = _setup(config, workdir)
     self.config, self.game, self.space, self.layout = config, game, space, layout
     self.env = make_env(config, game)
@@ -1106,6 +1175,7 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
   the reference reports it; a short run finishes fewer). The evaluation plays the trained
   policy in fresh environments until `window` episodes count, as `eval_sft` plays the
   warm start. A run whose result.json exists is done and is evaluated if it was not yet."""
+  config = game_config(config, game)
   p = config.ppo
   name = f"ppo_{space}"
   stage_dir = os.path.join(workdir, game, name)
@@ -1230,6 +1300,27 @@ TITLES = {"numberline": "NumberLine", "ezpoints": "EZPoints", "points24": "Point
           "blackjack": "Blackjack"}
 
 
+def _flat_values(tree, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in tree.items():
+    if hasattr(value, "items"):
+      out += _flat_values(value, f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}={value}")
+  return out
+
+
+def _per_game_lines(config, names: Sequence[str]) -> list[str]:
+  """The report's lines naming each listed game's `config.per_game` values, if any."""
+  per_game = config.get("per_game", {})
+  listed = [g for g in names if per_game.get(g)]
+  if not listed:
+    return []
+  return ["Per-game settings, in place of the job's for that game (`config.per_game`): "
+          + "; ".join(f"{TITLES[g]}: " + ", ".join(_flat_values(per_game[g]))
+                      for g in listed) + ".", ""]
+
+
 def report(config, workdir: str) -> dict:
   """workdir/cards_results.md and .json: our success rates beside the reference's."""
   names = games(config)
@@ -1256,6 +1347,7 @@ def report(config, workdir: str) -> dict:
            f"them ({config.ppo.num_updates} updates of {config.ppo.num_envs} x "
            f"{config.ppo.num_steps} steps: fewer episodes than the window where the "
            "count says so). Reference: RL4VLM with LLaVA-1.6-7B (SPEC section 4).", "",
+           *_per_game_lines(config, names),
            "| method | " + " | ".join(TITLES[g] for g in names) + " |",
            "|---|" + "---:|" * len(names)]
   finishing_order = False
