@@ -151,9 +151,9 @@ def warm_start_dir(config, workdir: str, game: str) -> str:
 
 
 # config.per_game: {game: {section: {field: value}}}, what one game's expert data, warm start
-# (per_game warm starts only), latent policy fitting, evaluation and PPO take instead of the
-# top-level values, e.g. per_game.points24.ppo.learning_rate: as the reference tunes each
-# task. `game_config` applies them; the stages and `Actor` / `ExpertData` call it.
+# and latent model (per_game warm starts only) and PPO take instead of the top-level values,
+# e.g. per_game.points24.ppo.learning_rate, as the reference tunes each task. `game_config`
+# applies them; the stages and `Actor` / `ExpertData` call it.
 PER_GAME_SECTIONS = ("expert", "sft", "latent_idm", "latent_bc", "ppo")
 _WARM_START_SECTIONS = ("sft", "latent_idm", "latent_bc")
 
