@@ -184,14 +184,9 @@ def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start_per_game():
     assert gpu[field] == base[field], field
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = list(value) if isinstance(value, tuple) else value
-  return out
+def _flat(tree: dict) -> dict:
+  """`cards.flat_fields`, tuples as the lists a config.json holds."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in cards.flat_fields(tree).items()}
 
 
 def test_the_points24_config_is_the_recorded_warm_start_that_wins_above_the_reference():

@@ -120,9 +120,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cards.check_per_game(config)
   _check(config)
   for game in cards.games(config):
-    if config.get("per_game", {}).get(game):
+    game_config = cards.game_config(config, game)
+    if game_config is not config:  # the game has settings of its own
       try:
-        _check(cards.game_config(config, game))
+        _check(game_config)
       except ConfigError as e:
         raise ConfigError(f"with config.per_game.{game}'s values: {e}") from None
   metrics = {}

@@ -866,9 +866,10 @@ def latent(config, workdir: str) -> dict:
   out = {}
   for folder, names in warm_starts(config, workdir):
     data = [ExpertData(config, workdir, g) for g in names]
+    config_w = warm_start_config(config, names)
     start = None
     for stage, train_step in stage_steps:
-      c = warm_start_config(config, names)[stage]
+      c = config_w[stage]
       if start is None:
         params, extra = system.init(_sft_backbone(folder, model_cfg),
                                     jax.random.key(config.seed))
@@ -1175,8 +1176,6 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
   the reference reports it; a short run finishes fewer). The evaluation plays the trained
   policy in fresh environments until `window` episodes count, as `eval_sft` plays the
   warm start. A run whose result.json exists is done and is evaluated if it was not yet."""
-  config = game_config(config, game)
-  p = config.ppo
   name = f"ppo_{space}"
   stage_dir = os.path.join(workdir, game, name)
   result_path = os.path.join(stage_dir, "result.json")
@@ -1190,6 +1189,8 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
       return trained, evaluation
   os.makedirs(stage_dir, exist_ok=True)
   actor = Actor(config, workdir, game, space)
+  config = actor.config  # the game's (`game_config`)
+  p = config.ppo
   actor.check_batch_size(p.num_envs, "config.ppo.num_envs")
   actor.check_batch_size(p.minibatch_size, "config.ppo.minibatch_size")
   rng = jax.random.fold_in(jax.random.key(config.seed), 11)
@@ -1300,13 +1301,14 @@ TITLES = {"numberline": "NumberLine", "ezpoints": "EZPoints", "points24": "Point
           "blackjack": "Blackjack"}
 
 
-def _flat_values(tree, prefix: str = "") -> list[str]:
-  out = []
+def flat_fields(tree, prefix: str = "") -> dict:
+  """{dotted path: value} of the leaves of a nested mapping (a config or its dict)."""
+  out = {}
   for key, value in tree.items():
     if hasattr(value, "items"):
-      out += _flat_values(value, f"{prefix}{key}.")
+      out.update(flat_fields(value, f"{prefix}{key}."))
     else:
-      out.append(f"{prefix}{key}={value}")
+      out[prefix + key] = value
   return out
 
 
@@ -1317,7 +1319,8 @@ def _per_game_lines(config, names: Sequence[str]) -> list[str]:
   if not listed:
     return []
   return ["Per-game settings, in place of the job's for that game (`config.per_game`): "
-          + "; ".join(f"{TITLES[g]}: " + ", ".join(_flat_values(per_game[g]))
+          + "; ".join(f"{TITLES[g]}: " + ", ".join(
+              f"{k}={v}" for k, v in flat_fields(per_game[g]).items())
                       for g in listed) + ".", ""]
 
 
