@@ -13,6 +13,7 @@ from configs import cards as cards_configs
 from latent_mca.cards import experts
 from latent_mca.config_schema import ConfigError
 from latent_mca.jobs import cards as cards_job
+from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
 from latent_mca.training.checkpoint import CheckpointNotFoundError
 
@@ -35,9 +36,14 @@ def test_every_stage_writes_its_outputs(smoke_run):
   assert all('"action": "' in text for text in expert["responses"])
   for path in ("tokenizer/tokenizer.json", "reading/metrics.jsonl", "reading/result.json",
                "sft/metrics.jsonl", "latent_bc/metrics.jsonl",
-               "blackjack/eval_sft.json", "blackjack/ppo_token/metrics.jsonl",
+               "blackjack/eval_sft.json", "blackjack/eval_latent.json",
+               "blackjack/ppo_token/metrics.jsonl",
                "blackjack/ppo_latent/metrics.jsonl", "cards_results.md"):
     assert os.path.isfile(os.path.join(workdir, path)), path
+  bc = json.load(open(os.path.join(workdir, "blackjack", "eval_latent.json")))
+  assert bc["bc_steps"] == config.latent_bc.num_steps and bc["counted"] == cards.COUNTED
+  assert bc["episodes"] >= bc["window"] == config.eval.blackjack_episodes
+  assert metrics["blackjack/latent_bc/success_rate"] == bc["success_rate"]
   # smoke_config runs the reading stage at toy size: 2 glyph + 2 reading steps.
   assert 0.0 <= metrics["reading/blackjack/value_accuracy"] <= 1.0
   assert "reading/blackjack/value_accuracy/shuffled" in metrics
@@ -61,7 +67,7 @@ def test_every_stage_writes_its_outputs(smoke_run):
 def test_the_report_sets_ours_beside_the_reference(smoke_run):
   _, workdir, _ = smoke_run
   table = open(os.path.join(workdir, "cards_results.md")).read()
-  for row in ("ours: SFT only", "ours: token PPO", "ours: latent PPO",
+  for row in ("ours: SFT only", "ours: latent BC only", "ours: token PPO", "ours: latent PPO",
               "ours: token PPO, in training", "reference: RL4VLM"):
     assert f"| {row} |" in table
   assert "| reference: RL4VLM | 40.2 |" in table  # Blackjack's reference number
@@ -315,6 +321,41 @@ def test_results_of_the_other_warm_start_are_not_reused(tmp_path):
     cards.ppo_token(config, str(tmp_path))
 
 
+def test_the_latent_policy_is_evaluated_again_after_other_bc_steps(tmp_path, monkeypatch):
+  """eval_latent reuses a result made after the config's BC steps; one made after other
+  steps is kept aside (eval_latent.bc<steps>.json) and the policy evaluated again."""
+  config = cards_configs.get_config("smoke")
+  config.games = "blackjack"
+  evaluated = []
+
+  class FakeActor:
+    def __init__(self, config, workdir, game, space):
+      assert (game, space) == ("blackjack", "latent")
+
+    def start_variables(self, workdir, rng):
+      return "params", "extra"
+
+  def fake_evaluate(actor, params, extra, path, label, **fields):
+    evaluated.append(fields)
+    backbone_lib.write_json(path, {"success_rate": 41.0, "episodes": 1003, **fields})
+
+  monkeypatch.setattr(cards, "Actor", FakeActor)
+  monkeypatch.setattr(cards, "evaluate", fake_evaluate)
+  folder = tmp_path / "blackjack"
+  os.makedirs(folder)
+  steps = config.latent_bc.num_steps
+  (folder / "eval_latent.json").write_text(json.dumps(
+      {"success_rate": 39.0, "episodes": 1001, "warm_start": "shared", "bc_steps": steps}))
+  assert cards.eval_latent(config, str(tmp_path)) == {"blackjack/latent_bc/success_rate": 39.0}
+  assert evaluated == []
+  config.latent_bc.num_steps = steps + 3
+  assert cards.eval_latent(config, str(tmp_path)) == {"blackjack/latent_bc/success_rate": 41.0}
+  assert evaluated == [{"warm_start": "shared", "bc_steps": steps + 3}]
+  assert json.loads((folder / f"eval_latent.bc{steps}.json").read_text())["success_rate"] == 39.0
+  assert cards.eval_latent(config, str(tmp_path)) == {"blackjack/latent_bc/success_rate": 41.0}
+  assert len(evaluated) == 1
+
+
 @pytest.mark.slow
 def test_per_game_warm_starts_run_every_stage_in_each_games_folder(tmp_path):
   config = cards_configs.get_config("smoke")
@@ -322,7 +363,8 @@ def test_per_game_warm_starts_run_every_stage_in_each_games_folder(tmp_path):
   metrics = cards_job.run(config, str(tmp_path))
   for game in ("numberline", "blackjack"):
     for path in ("sft/metrics.jsonl", "latent_idm/metrics.jsonl", "latent_bc/metrics.jsonl",
-                 "eval_sft.json", "ppo_token/eval.json", "ppo_latent/eval.json"):
+                 "eval_sft.json", "eval_latent.json", "ppo_token/eval.json",
+                 "ppo_latent/eval.json"):
       assert os.path.isfile(os.path.join(tmp_path, game, path)), (game, path)
     assert f"sft/{game}/loss" in metrics and f"latent_bc/{game}/loss" in metrics
     result = json.load(open(os.path.join(tmp_path, game, "ppo_latent", "result.json")))

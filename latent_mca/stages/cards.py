@@ -29,6 +29,8 @@
   latent      the latent action model on the expert data, from sft's frozen backbone:
               inverse dynamics + codebook + world model (stage 1's loss), then the
               latent policy cloning the IDM's codes (stage 4's).
+  eval_latent that latent policy alone, acting in latent space, evaluated as eval_sft
+              evaluates the warm start (<game>/eval_latent.json).
   ppo_token   PPO per game from sft, training the backbone and the value head; then the
               trained policy evaluated as eval_sft evaluates the warm start
               (<game>/ppo_token/result.json: training, eval.json: the evaluation).
@@ -1161,6 +1163,32 @@ def eval_sft(config, workdir: str) -> dict:
   return out
 
 
+def eval_latent(config, workdir: str) -> dict:
+  """The latent policy of the `latent` stage alone (before PPO), per game, as `eval_sft`
+  evaluates the warm start: it tells a weak start from a harmful PPO update.
+
+  The result records the policy's BC steps; one made after fewer or more steps than the
+  config's is evaluated again, the old one kept beside it (eval_latent.bc<steps>.json)."""
+  out = {}
+  for game in games(config):
+    path = os.path.join(workdir, game, "eval_latent.json")
+    bc_steps = game_config(config, game).latent_bc.num_steps
+    if os.path.isfile(path):
+      made = _json(path).get("bc_steps")
+      if made != bc_steps:
+        os.replace(path, os.path.join(workdir, game, f"eval_latent.bc{made}.json"))
+    if not os.path.isfile(path):
+      actor = Actor(config, workdir, game, rollout_lib.LATENT)
+      rng = jax.random.fold_in(jax.random.key(config.seed), 7)
+      params, extra = actor.start_variables(workdir, rng)
+      evaluate(actor, params, extra, path, "latent bc", warm_start=config.warm_start,
+               bc_steps=bc_steps)
+    result = _json(path)
+    check_made_from(config, path, result)
+    out[f"{game}/latent_bc/success_rate"] = result["success_rate"]
+  return out
+
+
 # ----------------------------------------------------------------------------- PPO
 
 
@@ -1293,7 +1321,8 @@ def ppo_latent(config, workdir: str) -> dict:
 
 # (label, result file): the policies evaluated alike (`evaluate`), then PPO's success over
 # the last episodes of its training, as the reference reports it.
-ROWS = (("SFT only", "eval_sft.json"), ("token PPO", "ppo_token/eval.json"),
+ROWS = (("SFT only", "eval_sft.json"), ("latent BC only", "eval_latent.json"),
+        ("token PPO", "ppo_token/eval.json"),
         ("latent PPO", "ppo_latent/eval.json"),
         ("token PPO, in training", "ppo_token/result.json"),
         ("latent PPO, in training", "ppo_latent/result.json"))
@@ -1388,6 +1417,7 @@ def report(config, workdir: str) -> dict:
 
 
 STAGES = {"expert": expert, "tokenizer": tokenizer, "reading": reading, "sft": sft,
-          "eval_sft": eval_sft, "latent": latent, "ppo_token": ppo_token,
+          "eval_sft": eval_sft, "latent": latent, "eval_latent": eval_latent,
+          "ppo_token": ppo_token,
           "ppo_latent": ppo_latent, "report": report}
 ALL_STAGES = ",".join(STAGES)
