@@ -79,7 +79,8 @@ def test_every_latent_stage_finishes_and_writes_its_measurements(smoke):
     records = metrics_lib.read_metrics(os.path.join(folder, "metrics.jsonl"))
     assert records[-1]["step"] == config[stage].num_steps
   for stage in STAGES[:-1]:
-    for name in ("wm_loss_idm", "wm_loss_shuffled", "wm_loss_fixed", "perplexity",
+    for name in ("wm_loss_idm", "wm_loss_shuffled", "wm_loss_fixed", "wm_accuracy",
+                 "wm_accuracy_policy", "perplexity",
                  "codes_used", "bc_accuracy", "bc_majority"):
       for part in ("paired", "text_only"):
         assert f"{stage}/eval/{name}_{part}" in metrics, (stage, name, part)
@@ -308,13 +309,14 @@ def test_policy_bc_targets_are_the_idm_argmax_codes(smoke):
   _, system, params, extra, batch = _setup(config, workdir, "policy_bc")
   # Jitted: a padded image budget fails the model's eager host-side check by design.
   parts = jax.jit(functools.partial(steps_lib._bc_parts, system))(params, extra, batch)
-  states, codes, weights = parts[0]
-  _, step_weights = steps_lib.step_targets(batch["paired"]["image"])
+  states, codes, targets, weights = parts[0]
+  step_targets, step_weights = steps_lib.step_targets(batch["paired"]["image"])
   idm = system.modules.inverse_dynamics.apply({"params": params["inverse_dynamics"]},
                                               states.h, states.positions, states.attention_mask)
   np.testing.assert_array_equal(codes, jnp.argmax(idm, -1))
   assert len(parts) == 2  # paired and text-only
   np.testing.assert_array_equal(weights, step_weights)
+  np.testing.assert_array_equal(targets, step_targets)
   # The BC loss by hand: mean over weighted steps of -log softmax(policy)[IDM code].
   logits = system.policy_logits(params, states)
   log_p = jax.nn.log_softmax(logits, -1)
@@ -323,6 +325,19 @@ def test_policy_bc_targets_are_the_idm_argmax_codes(smoke):
   paired_ce = -(picked * w).sum() / w.sum()
   total, count = steps_lib.cross_entropy(logits, codes, weights)
   assert float(masked_mean((total, count))) == pytest.approx(paired_ce, rel=1e-5)
+
+
+def test_policy_bc_reports_the_tokens_its_codes_decode_to(smoke):
+  """token_accuracy_<part>: the world model's next-token hits fed the policy's argmax codes,
+  as latent_sft_sums(codes="policy") counts them, before the step's update."""
+  config, workdir, _, _ = smoke
+  config, system, params, extra, batch = _setup(config, workdir, "policy_bc")
+  _, metrics = _one_step(config, system, params, extra, batch, "policy_bc")
+  sums = jax.jit(functools.partial(steps_lib.latent_sft_sums, system, codes="policy"))(
+      params, extra, batch["paired"]["image"])
+  expected = float(sums["correct"]) / float(sums["count"])
+  assert float(metrics["token_accuracy_paired"]) == pytest.approx(expected, abs=1e-6)
+  assert 0.0 <= float(metrics["token_accuracy_text_only"]) <= 1.0
 
 
 def test_step_targets_count_learned_transitions():

@@ -374,7 +374,8 @@ def inverse_joint_step(state: TrainState, batch, rng, *, system: LatentSystem):
 
 
 def _bc_parts(system: LatentSystem, params, extra, batch):
-  """[(states, IDM argmax codes, weights)] of the paired part and, if any, the text-only part."""
+  """[(states, IDM argmax codes, targets, weights)] of the paired part and, if any, the
+  text-only part."""
   backbone = jax.lax.stop_gradient(params[BACKBONE])
   parts = []
   image = batch["paired"]["image"]
@@ -384,10 +385,19 @@ def _bc_parts(system: LatentSystem, params, extra, batch):
     parts.append((system.text_states(params, states), batch["text_only"]))
   out = []
   for states, b in parts:
-    _, weights = step_targets(b)
+    targets, weights = step_targets(b)
     codes, _ = system.infer_codes(params, extra, states, weights)
-    out.append((states, jax.lax.stop_gradient(codes.codes), weights))
+    out.append((states, jax.lax.stop_gradient(codes.codes), targets, weights))
   return out
+
+
+def _policy_token_hits(system: LatentSystem, params, extra, states: States, targets, weights):
+  """Argmax hits of the world model fed the policy's argmax codes: the tokens the latent
+  policy would write (codes other than the IDM's may decode to the same token)."""
+  params = jax.lax.stop_gradient(params)
+  codes = policy_codes(system, params, states)
+  logits = system.world_model_logits(params, states.h, system.code_embedding(params, extra, codes))
+  return _correct(logits, targets, weights)
 
 
 def policy_bc_step(state: TrainState, batch, rng, *, system: LatentSystem):
@@ -395,15 +405,21 @@ def policy_bc_step(state: TrainState, batch, rng, *, system: LatentSystem):
 
   Paired states are the backbone's; text-only states are fed as the IDM saw them in
   stage 3 (mean P(h_T)). Metrics: loss, bc_accuracy (both parts), bc_accuracy_paired,
-  bc_accuracy_text_only, grad_norm.
+  bc_accuracy_text_only, token_accuracy_paired / _text_only (the world model's next-token
+  accuracy fed the policy's argmax codes, before this step's update), grad_norm.
   """
   del rng
   parts = _bc_parts(system, state.params, state.extra, batch)
   names = ["paired", "text_only"][:len(parts)]
+  token_metrics = {
+      f"token_accuracy_{name}": _policy_token_hits(system, state.params, state.extra, states,
+                                                   targets, weights) / jnp.maximum(
+                                                       jnp.sum(weights), 1.0)
+      for name, (states, _, targets, weights) in zip(names, parts)}
 
   def loss_fn(params):
-    total, count, correct, metrics = 0.0, 0.0, 0.0, {}
-    for name, (states, codes, weights) in zip(names, parts):
+    total, count, correct, metrics = 0.0, 0.0, 0.0, dict(token_metrics)
+    for name, (states, codes, _, weights) in zip(names, parts):
       logits = system.policy_logits(params, states._replace(h=jax.lax.stop_gradient(states.h)))
       ce_sum, n = cross_entropy(logits, codes, weights)
       hits = _correct(logits, codes, weights)
@@ -501,6 +517,8 @@ def latent_eval_sums(system: LatentSystem, params, extra, batch, rng, *,
                                    resampled from their marginal over the batch, and
                                    with the batch's most frequent code for every step;
     wm_correct                     argmax hits with the IDM's codes;
+    wm_policy_correct              argmax hits with the policy's argmax codes (the tokens
+                                   the latent policy would write);
     bc_correct                     policy argmax == IDM code;
     code_counts [C]                how often each code is the IDM's;
   and for a paired part, over its text tokens ("tokens"): proj_nll (P), proj_nll_inverse
@@ -525,9 +543,11 @@ def latent_eval_sums(system: LatentSystem, params, extra, batch, rng, *,
   logits, wm_idm = ce(codes.codes)
   _, wm_shuffled = ce(_resampled_codes(rng, codes.codes, weights))
   _, wm_fixed = ce(jnp.full_like(codes.codes, fixed))
-  policy = jnp.argmax(system.policy_logits(params, states), axis=-1)
+  policy = policy_codes(system, params, states)
+  policy_logits, _ = ce(policy)
   out = {"wm_idm": wm_idm, "wm_shuffled": wm_shuffled, "wm_fixed": wm_fixed,
          "wm_correct": _correct(logits, targets, weights),
+         "wm_policy_correct": _correct(policy_logits, targets, weights),
          "bc_correct": jnp.sum((policy == codes.codes) * weights), "count": jnp.sum(weights),
          "code_counts": counts}
   if not text_only and system.config.use_projector:
@@ -546,6 +566,7 @@ def summarize_eval(sums: dict) -> dict:
   count = max(float(sums["count"]), 1.0)
   out = {"wm_loss_idm": sums["wm_idm"] / count, "wm_loss_shuffled": sums["wm_shuffled"] / count,
          "wm_loss_fixed": sums["wm_fixed"] / count, "wm_accuracy": sums["wm_correct"] / count,
+         "wm_accuracy_policy": sums["wm_policy_correct"] / count,
          "bc_accuracy": sums["bc_correct"] / count}
   counts = jnp.asarray(sums["code_counts"], jnp.float32)
   usage = counts / jnp.maximum(jnp.sum(counts), 1.0)

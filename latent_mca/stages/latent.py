@@ -27,7 +27,9 @@ rules, batches split over data parallelism) and writes under workdir/<stage>/:
 The held-out measurements (`steps.latent_eval_sums`), each suffixed by its set:
 wm_loss_idm / wm_loss_shuffled / wm_loss_fixed (world-model next-token CE with the IDM's
 codes, with codes resampled from their marginal, with one fixed code: the world model
-uses the action when the first is clearly the lowest), wm_accuracy, perplexity and
+uses the action when the first is clearly the lowest), wm_accuracy (its next-token accuracy
+with the IDM's codes) and wm_accuracy_policy (with the policy's argmax codes: the tokens the
+latent policy would write), perplexity and
 codes_used (codebook usage), bc_accuracy (policy vs IDM codes) with bc_majority (the
 most frequent code's share: what always guessing it scores), and on paired data
 proj_nll / proj_nll_inverse (per-token Gaussian NLL of P and P') with proj_identity
@@ -195,13 +197,15 @@ def _panels(stage: str, sets: list[str]) -> list:
       "cycle_warmup": [["nll_forward", "nll_inverse"]],
       "inverse_joint": [["ntp_loss_paired", "ntp_loss_text_only"], ["proj_nll", "cycle_nll"],
                         "perplexity", "codes_used"],
-      "policy_bc": [["bc_accuracy_paired", "bc_accuracy_text_only"], "loss"],
+      "policy_bc": [["bc_accuracy_paired", "bc_accuracy_text_only"],
+                    ["token_accuracy_paired", "token_accuracy_text_only"], "loss"],
   }[stage]
   evals = []
   for s in sets:
     evals += [[f"eval/wm_loss_{k}_{s}" for k in ("idm", "shuffled", "fixed")],
               [f"eval/perplexity_{s}"], [f"eval/codes_used_{s}"],
               [f"eval/bc_accuracy_{s}", f"eval/bc_majority_{s}"],
+              [f"eval/wm_accuracy_{s}", f"eval/wm_accuracy_policy_{s}"],
               [f"eval/proj_nll_{s}", f"eval/proj_identity_{s}", f"eval/proj_nll_inverse_{s}"]]
   return train + evals
 
