@@ -1,5 +1,6 @@
 """The cards job end to end at toy sizes (configs/cards.py:smoke), and its config errors."""
 
+import functools
 import json
 import os
 import shutil
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 
 from configs import cards as cards_configs
+from experiments import cards_latent_fit
 from latent_mca.cards import experts
 from latent_mca.config_schema import ConfigError
 from latent_mca.jobs import cards as cards_job
+from latent_mca.models import qwen2_5_vl
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
 from latent_mca.training.checkpoint import CheckpointNotFoundError
@@ -71,6 +74,29 @@ def test_the_report_sets_ours_beside_the_reference(smoke_run):
               "ours: token PPO, in training", "reference: RL4VLM"):
     assert f"| {row} |" in table
   assert "| reference: RL4VLM | 40.2 |" in table  # Blackjack's reference number
+
+
+@pytest.mark.slow
+def test_the_latent_fit_counts_the_tokens_as_the_sft_loss_does(smoke_run):
+  """experiments/cards_latent_fit: its warm-start accuracy is backbone.next_token_sums's on
+  the same batches."""
+  config, workdir, _ = smoke_run
+  result = cards_latent_fit.measure(config, workdir, batches=2, batch_size=4)["blackjack"]
+  _, _, layout, model_cfg = cards._setup(config, workdir)
+  params = cards._sft_backbone(workdir, model_cfg)
+  loader = cards._ExpertLoader(layout, [cards.ExpertData(config, workdir, "blackjack")], 4,
+                               config.seed + cards_latent_fit._SEED_OFFSET)
+  model = qwen2_5_vl.Qwen2_5_VL(model_cfg)
+  sums = [jax.jit(functools.partial(backbone_lib.next_token_sums, model))(params, next(loader))
+          for _ in range(2)]
+  correct, count = (sum(float(s[k]) for s in sums) for k in ("correct", "count"))
+  # the smoke config's responses (24 tokens) end before Blackjack's action: none counted
+  assert result["tokens"] == count and result["action_tokens"] == 0
+  assert result["sft_accuracy"] == pytest.approx(correct / count, abs=1e-6)
+  for name in ("idm", "policy", "bc"):
+    assert 0.0 <= result[f"{name}_accuracy"] <= 1.0
+  cards_latent_fit.write(workdir, {"blackjack": result})
+  assert "| Blackjack |" in open(os.path.join(workdir, "cards_latent_fit.md")).read()
 
 
 @pytest.mark.slow
