@@ -3,8 +3,9 @@ r"""Does the card agent read its frame? The numbers it writes against the state,
   python -m experiments.cards_grounding --config configs/cards.py:all \
       --workdir workdirs/cards [--envs 128] [--chunk 64]
 
-For each game of the cards job in WORKDIR, the warm start (`sft`) and each finished PPO
-run act once on `--envs` fresh deals (temperature as in training), `--chunk` at a time.
+For each game of the cards job in WORKDIR, the warm start (`sft`), the latent policy
+before PPO (`latent_bc`, once the latent stage has finished) and each finished PPO run act
+once on `--envs` fresh deals (temperature as in training), `--chunk` at a time.
 The response's fields that restate the frame are compared with the true state:
 NumberLine's "current number" and "target number", the points games' "cards" (as a
 multiset of values), Blackjack's hand and the dealer's up-card as its thoughts name
@@ -110,17 +111,24 @@ def measure(game: str, params, extra, actor, envs: int, chunk_size: int) -> dict
 
 
 def measure_workdir(config, workdir: str, envs: int, chunk_size: int) -> dict:
-  """{"<game>/<policy>": `measure`'s row} for the warm start and each finished PPO run."""
+  """{"<game>/<policy>": `measure`'s row} for the warm start, the latent policy before PPO
+  (where the latent stage finished) and each finished PPO run."""
   rows = {}
   for game in cards.games(config):
     for label, space, stage in (("sft", rollout_lib.TOKEN, None),
+                                ("latent_bc", rollout_lib.LATENT, None),
                                 ("ppo_token", rollout_lib.TOKEN, "ppo_token"),
                                 ("ppo_latent", rollout_lib.LATENT, "ppo_latent")):
       stage_dir = os.path.join(workdir, game, stage or "")
       if stage is not None and not os.path.isfile(os.path.join(stage_dir, "result.json")):
         continue  # a PPO run that has not finished (or a workdir without PPO)
       actor = cards.Actor(config, workdir, game, space)
-      params, extra = actor.start_variables(workdir, jax.random.key(0))
+      try:
+        params, extra = actor.start_variables(workdir, jax.random.key(0))
+      except checkpoint.CheckpointNotFoundError:
+        if label != "latent_bc":
+          raise
+        continue  # no finished latent model
       if stage is not None:
         abstract = jax.eval_shape(lambda: (params, extra))
         loaded = checkpoint.load_final(stage_dir, {"params": abstract[0], "extra": abstract[1]})

@@ -302,12 +302,13 @@ def test_a_trained_run_without_its_evaluation_is_evaluated_from_its_checkpoint(s
 
 
 @pytest.mark.slow
-def test_the_grounding_experiment_measures_each_policy_in_chunks(smoke_run):
+def test_the_grounding_experiment_measures_each_policy_in_chunks(smoke_run, tmp_path):
   from experiments import cards_grounding
 
   config, workdir, _ = smoke_run
   rows = cards_grounding.measure_workdir(config, workdir, envs=5, chunk_size=2)
-  assert set(rows) == {"blackjack/sft", "blackjack/ppo_token", "blackjack/ppo_latent"}
+  assert set(rows) == {"blackjack/sft", "blackjack/latent_bc", "blackjack/ppo_token",
+                       "blackjack/ppo_latent"}
   for row in rows.values():
     assert row["deals"] == 5  # chunks of 2, 2 and 1
     for key in ("correct", "parsed", "reads_decided_on", "expert_action",
@@ -317,6 +318,11 @@ def test_the_grounding_experiment_measures_each_policy_in_chunks(smoke_run):
     assert "plan_solves_deal" not in row
     examples = row["examples"]  # the first deals' responses, beside their true states
     assert len(examples) == 4 and all(isinstance(e["response"], str) for e in examples)
+  # a workdir without the latent model or PPO: the warm start alone
+  bare = str(tmp_path / "bare")
+  shutil.copytree(workdir, bare, ignore=shutil.ignore_patterns("latent_*", "ppo_*"))
+  assert set(cards_grounding.measure_workdir(config, bare, envs=2, chunk_size=2)) == {
+      "blackjack/sft"}
 
 
 def test_a_bad_warm_start_is_a_config_error(tmp_path):
