@@ -5,7 +5,7 @@ r"""Chain-of-thought PPO on the RL4VLM card games (SPEC section 4), one config p
 GAME is numberline, ezpoints, points24 or blackjack; `points24` is the defaults with the
 Points24 recipe that wins above the reference on 2 CPU cores (`cards.points24_recipe`:
 32768 expert transitions, 4000 SFT steps half of them readings of formulas up to 15
-symbols, PPO at lr 1e-5; results/points24_plans/README.md). `all` (the default) runs the four
+symbols, 1000 latent BC steps, PPO at lr 1e-5; results/points24_plans/README.md). `all` (the default) runs the four
 in one workdir, which is how the results table is made: the expert plays each game,
 one tiny Qwen2.5-VL is warm-started on all four games' expert chain-of-thought, the
 latent action model is fitted on the same data, then PPO runs per game in token space

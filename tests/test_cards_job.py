@@ -226,8 +226,9 @@ def test_the_points24_config_is_the_recorded_warm_start_that_wins_above_the_refe
   results/points24_plans (4.5% of the last 200 episodes), but for what one command now
   says otherwise: that run's reading stage had short formulas (run before it) and its SFT
   reading rows 0..15 symbols, now sft.reading_formula_symbols; PPO at lr 1e-5, as its
-  ppo_token_lr1e-5 run; the options added since at their defaults. The run made with it
-  in one command (points24_config) recorded it."""
+  ppo_token_lr1e-5 run; 1000 latent BC steps; the options added since at their defaults.
+  The run made with it in one command (points24_config) recorded it, but for the latent
+  BC steps, which its latent_bc1000 run recorded."""
   run = os.path.join(os.path.dirname(__file__), "..", "results", "points24_plans",
                      "vlm_reading_cpu", "formula15_visual_4k")
   recorded = _flat(json.load(open(os.path.join(run, "config.json"))))
@@ -237,11 +238,15 @@ def test_the_points24_config_is_the_recorded_warm_start_that_wins_above_the_refe
   assert differ == {
       "reading.formula_symbols": (15, 0), "sft.reading_formula_symbols": (None, 15),
       "ppo.learning_rate": (1e-4, 1e-5), "expert.noise": (None, 0.0),
+      "latent_bc.num_steps": (200, 1000),
       "stages": ("sft", cards_job.default_config().stages)}
-  one_command = _flat(json.load(open(os.path.join(run, "..", "points24_config",
-                                                  "config.json"))))
-  assert {k for k in set(one_command) | set(config)
-          if one_command.get(k) != config.get(k)} == {"stages"}
+  # the one-command run, then its latent stage again with 1000 BC steps (latent_bc1000)
+  one_command = os.path.join(run, "..", "points24_config")
+  for folder, differ in ((one_command, {"stages", "latent_bc.num_steps"}),
+                         (os.path.join(one_command, "latent_bc1000"), {"stages"})):
+    recorded = _flat(json.load(open(os.path.join(folder, "config.json"))))
+    assert {k for k in set(recorded) | set(config)
+            if recorded.get(k) != config.get(k)} == differ, folder
   lr_run = json.load(open(os.path.join(run, "ppo_token_lr1e-5", "config.json")))
   assert lr_run["ppo"] == cards_configs.get_config("points24").ppo.to_dict() | {
       "trainable": [""]}

@@ -46,8 +46,9 @@ def test_the_gpu_config_gives_points24_its_recipe_and_the_others_the_jobs():
   cards.check_per_game(gpu)
   points24 = cards.game_config(gpu, "points24")
   recipe = cards_configs.get_config("points24")
-  for section in ("expert", "ppo"):
+  for section in ("expert", "latent_bc", "ppo"):
     assert points24[section] == recipe[section], section
+  assert points24.latent_bc.num_steps == 1000 != gpu.latent_bc.num_steps
   for field in ("num_steps", "from_reading", "reading_every", "reading_formula_symbols"):
     assert points24.sft[field] == recipe.sft[field], field
   assert points24.sft.batch_size == gpu.sft.batch_size == 32  # the GPU's budget otherwise
