@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,11 +33,9 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from latent_mca.latent import steps as steps_lib
-from latent_mca.models import qwen2_5_vl
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
 from latent_mca.stages import latent as latent_lib
-from latent_mca.training import checkpoint
 
 _SEED_OFFSET = 1009  # the batches' seed: config.seed + this (training uses seed + 1)
 
@@ -71,12 +68,11 @@ def token_sums(system: steps_lib.LatentSystem, sft_params, params, extra, batch,
   idm = system.infer_codes(params, extra, states, weights)[0].codes
   policy = steps_lib.policy_codes(system, params, states)
 
-  def decoded(codes):
-    return system.world_model_logits(params, states.h, system.code_embedding(params, extra, codes))
-
   out = {"count": jnp.sum(weights), "action_count": jnp.sum(action),
          "bc_correct": jnp.sum((policy == idm) * weights)}
-  for name, logits in (("sft", sft), ("idm", decoded(idm)), ("policy", decoded(policy))):
+  for name, logits in (("sft", sft),
+                       ("idm", system.code_logits(params, extra, states.h, idm)),
+                       ("policy", system.code_logits(params, extra, states.h, policy))):
     out[f"{name}_correct"], out[f"{name}_action_correct"] = hits(logits)
   return out
 
@@ -104,20 +100,18 @@ def measure(config, workdir: str, batches: int, batch_size: int) -> dict:
   """{game: summary} of the latent policy beside the warm start, per game."""
   _, _, layout, model_cfg = cards._setup(config, workdir)
   system = steps_lib.LatentSystem.build(model_cfg, latent_lib.latent_config(config))
-  abstract_backbone = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
   fn = jax.jit(functools.partial(token_sums, system))
   out = {}
   for game in cards.games(config):
     folder = cards.warm_start_dir(config, workdir, game)
     sft_params = cards._sft_backbone(folder, model_cfg)
-    abstract = dict(zip(("params", "extra"), system.abstract(abstract_backbone)))
-    policy = checkpoint.load_final(os.path.join(folder, cards.LATENT_BC), abstract)
+    params, extra = cards._latent_variables(folder, system, model_cfg)
     loader = cards._ExpertLoader(layout, [cards.ExpertData(config, workdir, game)], batch_size,
                                  config.seed + _SEED_OFFSET)
     total = None
     for _ in tqdm(range(batches), desc=game):
       batch = next(loader)
-      sums = fn(sft_params, policy["params"], policy["extra"], batch, _action_mask(layout, batch))
+      sums = fn(sft_params, params, extra, batch, _action_mask(layout, batch))
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     out[game] = _summary(total)
   return out

@@ -77,8 +77,7 @@ def code_statistics(runner, out, items) -> dict[str, np.ndarray]:
     top = jnp.argsort(-policy, axis=-1)[..., :top_k]  # [N, M, K]
 
     def decode(code_nm):
-      return jnp.argmax(system.world_model_logits(
-          params, h, system.code_embedding(params, extra, code_nm)), axis=-1)
+      return jnp.argmax(system.code_logits(params, extra, h, code_nm), axis=-1)
 
     tokens = jax.lax.map(decode, jnp.moveaxis(top, -1, 0))  # [K, N, M]
     emitted = batch["input_ids"][:, t:]

@@ -197,6 +197,10 @@ class LatentSystem:
     return self.modules.world_model.apply({"params": params["world_model"]}, h_btd, action_btd,
                                           lm_head)
 
+  def code_logits(self, params, extra, h_btd, codes_bt):
+    """`world_model_logits` with the codes' embeddings as the actions: [B, T, V]."""
+    return self.world_model_logits(params, h_btd, self.code_embedding(params, extra, codes_bt))
+
   def policy_logits(self, params, states: States):
     """The policy's code logits [B, T, C] of every step."""
     logits, _ = self.modules.policy.apply({"params": params["policy"]}, states.h,
@@ -391,15 +395,6 @@ def _bc_parts(system: LatentSystem, params, extra, batch):
   return out
 
 
-def _policy_token_hits(system: LatentSystem, params, extra, states: States, targets, weights):
-  """Argmax hits of the world model fed the policy's argmax codes: the tokens the latent
-  policy would write (codes other than the IDM's may decode to the same token)."""
-  params = jax.lax.stop_gradient(params)
-  codes = policy_codes(system, params, states)
-  logits = system.world_model_logits(params, states.h, system.code_embedding(params, extra, codes))
-  return _correct(logits, targets, weights)
-
-
 def policy_bc_step(state: TrainState, batch, rng, *, system: LatentSystem):
   """Stage 4: CE of the policy's code logits against the IDM's argmax code at every step.
 
@@ -411,20 +406,22 @@ def policy_bc_step(state: TrainState, batch, rng, *, system: LatentSystem):
   del rng
   parts = _bc_parts(system, state.params, state.extra, batch)
   names = ["paired", "text_only"][:len(parts)]
-  token_metrics = {
-      f"token_accuracy_{name}": _policy_token_hits(system, state.params, state.extra, states,
-                                                   targets, weights) / jnp.maximum(
-                                                       jnp.sum(weights), 1.0)
-      for name, (states, _, targets, weights) in zip(names, parts)}
+  frozen = jax.lax.stop_gradient(state.params)
 
   def loss_fn(params):
-    total, count, correct, metrics = 0.0, 0.0, 0.0, dict(token_metrics)
-    for name, (states, codes, _, weights) in zip(names, parts):
+    total, count, correct, metrics = 0.0, 0.0, 0.0, {}
+    for name, (states, codes, targets, weights) in zip(names, parts):
       logits = system.policy_logits(params, states._replace(h=jax.lax.stop_gradient(states.h)))
       ce_sum, n = cross_entropy(logits, codes, weights)
       hits = _correct(logits, codes, weights)
       total, count, correct = total + ce_sum, count + n, correct + hits
       metrics[f"bc_accuracy_{name}"] = hits / jnp.maximum(n, 1.0)
+      # the tokens the policy's argmax codes decode to (other codes than the IDM's may
+      # decode to the same token); no gradient
+      written = system.code_logits(frozen, state.extra, jax.lax.stop_gradient(states.h),
+                                   jnp.argmax(jax.lax.stop_gradient(logits), -1))
+      metrics[f"token_accuracy_{name}"] = _correct(written, targets, weights) / jnp.maximum(
+          n, 1.0)
     metrics["bc_accuracy"] = correct / jnp.maximum(count, 1.0)
     return total / jnp.maximum(count, 1.0), (metrics, state.extra)
 
@@ -536,18 +533,17 @@ def latent_eval_sums(system: LatentSystem, params, extra, batch, rng, *,
   fixed, counts = _most_frequent(codes.codes, weights, num_codes)
 
   def ce(code_ids):
-    logits = system.world_model_logits(params, states.h,
-                                       system.code_embedding(params, extra, code_ids))
+    logits = system.code_logits(params, extra, states.h, code_ids)
     return logits, cross_entropy(logits, targets, weights)[0]
 
   logits, wm_idm = ce(codes.codes)
   _, wm_shuffled = ce(_resampled_codes(rng, codes.codes, weights))
   _, wm_fixed = ce(jnp.full_like(codes.codes, fixed))
   policy = policy_codes(system, params, states)
-  policy_logits, _ = ce(policy)
   out = {"wm_idm": wm_idm, "wm_shuffled": wm_shuffled, "wm_fixed": wm_fixed,
          "wm_correct": _correct(logits, targets, weights),
-         "wm_policy_correct": _correct(policy_logits, targets, weights),
+         "wm_policy_correct": _correct(system.code_logits(params, extra, states.h, policy),
+                                       targets, weights),
          "bc_correct": jnp.sum((policy == codes.codes) * weights), "count": jnp.sum(weights),
          "code_counts": counts}
   if not text_only and system.config.use_projector:

@@ -164,8 +164,7 @@ def rollout(system: LatentSystem, params, extra, prompts: dict, rng, *, space: s
     else:
       action, logp = _sample(keys, policy_logits, sampling)
       h = logits_or_h[:, None]
-      wm_logits = system.world_model_logits(params, h, system.code_embedding(
-          params, extra, action[:, None]))
+      wm_logits = system.code_logits(params, extra, h, action[:, None])
       token = jnp.argmax(wm_logits[:, 0], axis=-1).astype(jnp.int32)
     live = ~done
     token = jnp.where(live, token, sampling.pad_token_id)

@@ -1152,15 +1152,23 @@ def eval_sft(config, workdir: str) -> dict:
   out = {}
   for game in games(config):
     path = os.path.join(workdir, game, "eval_sft.json")
-    if not os.path.isfile(path):
-      actor = Actor(config, workdir, game, rollout_lib.TOKEN)
-      rng = jax.random.fold_in(jax.random.key(config.seed), 7)
-      params, extra = actor.start_variables(workdir, rng)
-      evaluate(actor, params, extra, path, "sft", warm_start=config.warm_start)
-    result = _json(path)
-    check_made_from(config, path, result)
+    result = _evaluate_start(config, workdir, game, rollout_lib.TOKEN, path, "sft")
     out[f"{game}/sft/success_rate"] = result["success_rate"]
   return out
+
+
+def _evaluate_start(config, workdir: str, game: str, space: str, path: str, label: str,
+                    **fields) -> dict:
+  """The result at `path` of `evaluate` on the space's start (`Actor.start_variables`):
+  evaluated where there is none, checked to be of config's warm start (`check_made_from`)."""
+  if not os.path.isfile(path):
+    actor = Actor(config, workdir, game, space)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 7)
+    params, extra = actor.start_variables(workdir, rng)
+    evaluate(actor, params, extra, path, label, warm_start=config.warm_start, **fields)
+  result = _json(path)
+  check_made_from(config, path, result)
+  return result
 
 
 def eval_latent(config, workdir: str) -> dict:
@@ -1177,14 +1185,8 @@ def eval_latent(config, workdir: str) -> dict:
       made = _json(path).get("bc_steps")
       if made != bc_steps:
         os.replace(path, os.path.join(workdir, game, f"eval_latent.bc{made}.json"))
-    if not os.path.isfile(path):
-      actor = Actor(config, workdir, game, rollout_lib.LATENT)
-      rng = jax.random.fold_in(jax.random.key(config.seed), 7)
-      params, extra = actor.start_variables(workdir, rng)
-      evaluate(actor, params, extra, path, "latent bc", warm_start=config.warm_start,
-               bc_steps=bc_steps)
-    result = _json(path)
-    check_made_from(config, path, result)
+    result = _evaluate_start(config, workdir, game, rollout_lib.LATENT, path, "latent bc",
+                             bc_steps=bc_steps)
     out[f"{game}/latent_bc/success_rate"] = result["success_rate"]
   return out
 
