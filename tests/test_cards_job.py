@@ -18,6 +18,7 @@ from latent_mca.jobs import cards as cards_job
 from latent_mca.models import qwen2_5_vl
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
+from latent_mca.training import checkpoint
 from latent_mca.training.checkpoint import CheckpointNotFoundError
 
 
@@ -307,6 +308,31 @@ def test_a_trained_run_without_its_evaluation_is_evaluated_from_its_checkpoint(s
 
 
 @pytest.mark.slow
+def test_what_was_made_from_a_warm_start_trained_again_is_made_again(smoke_run, tmp_path):
+  """SFT trained on: its evaluation, the latent model, the latent policy's evaluation and
+  both PPO runs are moved aside and made again from the new checkpoints; nothing is lost."""
+  config, workdir, _ = smoke_run
+  copy = str(tmp_path / "cards")
+  shutil.copytree(workdir, copy)
+  longer = config.copy_and_resolve_references()
+  longer.sft.num_steps += 2
+  cards_job.run(longer, copy)
+  game = os.path.join(copy, "blackjack")
+  for stale in ("latent_idm.stale1", "latent_bc.stale1", "blackjack/eval_sft.stale1.json",
+                "blackjack/eval_latent.stale1.json", "blackjack/ppo_token.stale1/result.json",
+                "blackjack/ppo_latent.stale1/eval.json"):
+    assert os.path.exists(os.path.join(copy, stale)), stale
+  sft, bc = (checkpoint.final_id(os.path.join(copy, s)) for s in ("sft", "latent_bc"))
+  assert sft.startswith(f"sft/{longer.sft.num_steps}@")
+  assert json.load(open(os.path.join(copy, "latent_idm", "made_from.json"))) == {"sft": sft}
+  for rel, made_from in (("eval_sft.json", {"sft": sft}), ("eval_latent.json", {"latent_bc": bc}),
+                         ("ppo_token/result.json", {"sft": sft}),
+                         ("ppo_latent/eval.json", {"latent_bc": bc})):
+    assert json.load(open(os.path.join(game, rel)))["made_from"] == made_from, rel
+  assert "‡" not in open(os.path.join(copy, "cards_results.md")).read()
+
+
+@pytest.mark.slow
 def test_the_grounding_experiment_measures_each_policy_in_chunks(smoke_run, tmp_path):
   from experiments import cards_grounding
 
@@ -387,7 +413,8 @@ def test_the_latent_policy_is_evaluated_again_after_other_bc_steps(tmp_path, mon
   assert evaluated == []
   config.latent_bc.num_steps = steps + 3
   assert cards.eval_latent(config, str(tmp_path)) == {"blackjack/latent_bc/success_rate": 41.0}
-  assert evaluated == [{"warm_start": "shared", "bc_steps": steps + 3}]
+  assert evaluated == [{"warm_start": "shared", "made_from": {"latent_bc": None},
+                        "bc_steps": steps + 3}]
   assert json.loads((folder / f"eval_latent.bc{steps}.json").read_text())["success_rate"] == 39.0
   assert cards.eval_latent(config, str(tmp_path)) == {"blackjack/latent_bc/success_rate": 41.0}
   assert len(evaluated) == 1

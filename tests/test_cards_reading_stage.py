@@ -139,7 +139,7 @@ def test_target_batch_pads_and_cuts_its_targets_to_the_width(read):
   assert list(targets[1]) == full[1][:width] and mask[1].all()
 
 
-def test_sft_starts_from_the_readings_final_params(read, monkeypatch):
+def test_sft_starts_from_the_readings_final_params(read, monkeypatch, tmp_path):
   config, workdir, _ = read
   model_cfg = _model_cfg(config, workdir)
   start = cards.sft_start_params(config, workdir, model_cfg)
@@ -155,8 +155,10 @@ def test_sft_starts_from_the_readings_final_params(read, monkeypatch):
     raise Started(stage, state.params)
 
   monkeypatch.setattr(cards.loop, "train", train)
+  copy = str(tmp_path / "cards")  # sft readies its folder: not in the shared workdir
+  shutil.copytree(workdir, copy)
   with pytest.raises(Started) as started:
-    cards.sft(config, workdir)
+    cards.sft(config, copy)
   assert started.value.args[0] == "sft" and _equal(nn.meta.unbox(started.value.args[1]), final)
 
 

@@ -46,6 +46,11 @@ than the window, so the trained policy is also evaluated in fresh environments. 
 run checkpoints after every update and resumes from the last one (its environments then
 start fresh episodes).
 
+Every stage reuses what an earlier run finished, as long as it was made from the
+checkpoints there now: sft records the reading stage's final checkpoint, latent sft's,
+each evaluation and PPO run its start's (`training.lineage`); what was made from a
+checkpoint trained again since is moved aside (`<name>.stale<k>`) and made again.
+
 Acting and the PPO learner run on the mesh of `config.mesh`
 (`latent_mca.parallel.mesh`), as the pipeline's RL stage does: the learner's TrainState
 (the LatentSystem's params and the value head, Adam's moments) is sharded by the
@@ -95,7 +100,8 @@ from latent_mca.rl import step as rl_step_lib
 from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import data as data_lib
 from latent_mca.stages import latent as latent_lib
-from latent_mca.training import checkpoint, loop, metrics as metrics_lib, state as state_lib
+from latent_mca.training import checkpoint, lineage, loop, metrics as metrics_lib
+from latent_mca.training import state as state_lib
 
 READING, SFT, LATENT_IDM, LATENT_BC = "reading", "sft", "latent_idm", "latent_bc"
 # RL4VLM's success rates (%, LLaVA-1.6-7B; SPEC section 4).
@@ -780,6 +786,19 @@ def _merge_decoder(read: dict, fresh: dict, layers: int) -> dict:
   return dict(fresh, layers=stacked)
 
 
+def _starts_from_reading(config, workdir: str) -> bool:
+  return not config.backbone.checkpoint and bool(
+      reading_steps(config) or os.path.isdir(os.path.join(workdir, READING)))
+
+
+def sft_sources(config, workdir: str) -> lineage.Sources:
+  """The checkpoints a warm start is made from (`training.lineage`): the reading stage's
+  where it starts from it (`sft_start_params`)."""
+  if not _starts_from_reading(config, workdir):
+    return {}
+  return {READING: checkpoint.final_id(os.path.join(workdir, READING))}
+
+
 def sft_start_params(config, workdir: str, model_cfg):
   """The params SFT starts from: `backbone.checkpoint`'s if set; else the reading stage's
   final ones where workdir/reading holds a checkpoint (and where the config asks for
@@ -793,9 +812,9 @@ def sft_start_params(config, workdir: str, model_cfg):
   """
   if config.backbone.checkpoint:
     return qwen2_5_vl.load_params(config.backbone.checkpoint, model_cfg)
-  stage_dir = os.path.join(workdir, READING)
-  if not (reading_steps(config) or os.path.isdir(stage_dir)):
+  if not _starts_from_reading(config, workdir):
     return qwen2_5_vl.init_params(model_cfg, jax.random.key(config.seed))
+  stage_dir = os.path.join(workdir, READING)
   groups = reading_groups(config)
   abstract = nn.meta.unbox(qwen2_5_vl.abstract_params(model_cfg))
   read = checkpoint.load_params(stage_dir, abstract)
@@ -825,6 +844,7 @@ def sft(config, workdir: str) -> dict:
   for folder, names in warm_starts(config, workdir):
     config_w = warm_start_config(config, names)
     c = config_w.sft
+    lineage.check_folders([os.path.join(folder, SFT)], sft_sources(config_w, workdir))
     data = [ExpertData(config, workdir, g) for g in names]
     params = sft_start_params(config_w, workdir, model_cfg)
     tx = state_lib.make_optimizer(c.optimizer, c.num_steps)
@@ -869,6 +889,9 @@ def latent(config, workdir: str) -> dict:
   for folder, names in warm_starts(config, workdir):
     data = [ExpertData(config, workdir, g) for g in names]
     config_w = warm_start_config(config, names)
+    # trained again (IDM, then BC) where the warm start was
+    lineage.check_folders([os.path.join(folder, stage) for stage in (LATENT_IDM, LATENT_BC)],
+                          {SFT: checkpoint.final_id(os.path.join(folder, SFT))})
     start = None
     for stage, train_step in stage_steps:
       c = config_w[stage]
@@ -1157,15 +1180,28 @@ def eval_sft(config, workdir: str) -> dict:
   return out
 
 
+def start_sources(config, workdir: str, game: str, space: str) -> lineage.Sources:
+  """The checkpoint the space's start for `game` is (`Actor.start_variables`), by its id
+  (`training.lineage`): the warm start's SFT, or its latent policy's BC."""
+  stage = SFT if space == rollout_lib.TOKEN else LATENT_BC
+  folder = warm_start_dir(config, workdir, game)
+  return {stage: checkpoint.final_id(os.path.join(folder, stage))}
+
+
 def _evaluate_start(config, workdir: str, game: str, space: str, path: str, label: str,
                     **fields) -> dict:
   """The result at `path` of `evaluate` on the space's start (`Actor.start_variables`):
-  evaluated where there is none, checked to be of config's warm start (`check_made_from`)."""
+  evaluated where there is none or where it was made from an earlier start (that one is
+  moved aside: `lineage.check_result`), checked to be of config's warm start
+  (`check_made_from`)."""
+  sources = start_sources(config, workdir, game, space)
+  lineage.check_result(path, sources)
   if not os.path.isfile(path):
     actor = Actor(config, workdir, game, space)
     rng = jax.random.fold_in(jax.random.key(config.seed), 7)
     params, extra = actor.start_variables(workdir, rng)
-    evaluate(actor, params, extra, path, label, warm_start=config.warm_start, **fields)
+    evaluate(actor, params, extra, path, label, warm_start=config.warm_start,
+             made_from=dict(sources), **fields)
   result = _json(path)
   check_made_from(config, path, result)
   return result
@@ -1205,9 +1241,13 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
   The training result is success over the last `window` episodes finished in training (as
   the reference reports it; a short run finishes fewer). The evaluation plays the trained
   policy in fresh environments until `window` episodes count, as `eval_sft` plays the
-  warm start. A run whose result.json exists is done and is evaluated if it was not yet."""
+  warm start. A run whose result.json exists is done and is evaluated if it was not yet; a
+  run (done or not) made from an earlier start is moved aside and made again
+  (`lineage.check_folders`)."""
   name = f"ppo_{space}"
   stage_dir = os.path.join(workdir, game, name)
+  sources = dict(start_sources(config, workdir, game, space))
+  lineage.check_folders([stage_dir], sources)
   result_path = os.path.join(stage_dir, "result.json")
   eval_path = os.path.join(stage_dir, "eval.json")
   trained = _json(result_path) if os.path.isfile(result_path) else None
@@ -1217,7 +1257,6 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
     evaluation = _json(eval_path)
     if evaluation.get("updates") == trained["updates"]:
       return trained, evaluation
-  os.makedirs(stage_dir, exist_ok=True)
   actor = Actor(config, workdir, game, space)
   config = actor.config  # the game's (`game_config`)
   p = config.ppo
@@ -1225,6 +1264,7 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
   actor.check_batch_size(p.minibatch_size, "config.ppo.minibatch_size")
   rng = jax.random.fold_in(jax.random.key(config.seed), 11)
   params, extra = actor.start_variables(workdir, rng)
+  os.makedirs(stage_dir, exist_ok=True)
   pcfg = actor.agent.ppo
   optimizer, horizon = ppo_lib.ppo_optimizer_config(pcfg)
   optimizer.trainable = tuple(t for t in p.trainable if t) or agent_lib.TRAINABLE[space]
@@ -1248,7 +1288,7 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
                          f"run's last checkpoint is of update {start}: the trained policy "
                          "to evaluate is gone (delete the folder to train it again)")
       return trained, evaluate(actor, state.params, state.extra, eval_path, name,
-                               updates=start, warm_start=config.warm_start)
+                               updates=start, warm_start=config.warm_start, made_from=sources)
     log.reset(history)
     obs, env_state = actor.reset(jax.random.fold_in(rng, 1000 + start), p.num_envs)
     ret = np.zeros(p.num_envs, np.float32)
@@ -1295,10 +1335,12 @@ def _ppo_run(config, workdir: str, game: str, space: str) -> tuple[dict, dict]:
                            ["success_rate", "reward_mean", "value_loss", "policy_loss"])
   trained = {"success_rate": episodes.success_rate(need), "episodes": len(episodes),
              "window": need, "counted": COUNTED, "updates": p.num_updates,
-             "env_steps": p.num_updates * n_items, "warm_start": config.warm_start}
+             "env_steps": p.num_updates * n_items, "warm_start": config.warm_start,
+             "made_from": sources}
   backbone_lib.write_json(result_path, trained)
   return trained, evaluate(actor, state.params, state.extra, eval_path, name,
-                          updates=p.num_updates, warm_start=config.warm_start)
+                          updates=p.num_updates, warm_start=config.warm_start,
+                          made_from=sources)
 
 
 def _ppo_stage(config, workdir: str, space: str) -> dict:
@@ -1321,13 +1363,15 @@ def ppo_latent(config, workdir: str) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-# (label, result file): the policies evaluated alike (`evaluate`), then PPO's success over
-# the last episodes of its training, as the reference reports it.
-ROWS = (("SFT only", "eval_sft.json"), ("latent BC only", "eval_latent.json"),
-        ("token PPO", "ppo_token/eval.json"),
-        ("latent PPO", "ppo_latent/eval.json"),
-        ("token PPO, in training", "ppo_token/result.json"),
-        ("latent PPO, in training", "ppo_latent/result.json"))
+# (label, result file, the space whose start it was made from): the policies evaluated
+# alike (`evaluate`), then PPO's success over the last episodes of its training, as the
+# reference reports it.
+_T, _L = rollout_lib.TOKEN, rollout_lib.LATENT
+ROWS = (("SFT only", "eval_sft.json", _T), ("latent BC only", "eval_latent.json", _L),
+        ("token PPO", "ppo_token/eval.json", _T),
+        ("latent PPO", "ppo_latent/eval.json", _L),
+        ("token PPO, in training", "ppo_token/result.json", _T),
+        ("latent PPO, in training", "ppo_latent/result.json", _L))
 TITLES = {"numberline": "NumberLine", "ezpoints": "EZPoints", "points24": "Points24",
           "blackjack": "Blackjack"}
 
@@ -1358,12 +1402,16 @@ def _per_game_lines(config, names: Sequence[str]) -> list[str]:
 def report(config, workdir: str) -> dict:
   """workdir/cards_results.md and .json: our success rates beside the reference's."""
   names = games(config)
-  table, out = {}, {}
-  for label, rel in ROWS:
+  table, out, stale, starts = {}, {}, set(), {}
+  for label, rel, space in ROWS:
     for game in names:
       path = os.path.join(workdir, game, rel)
       if os.path.isfile(path):
-        table.setdefault(label, {})[game] = _json(path)
+        table.setdefault(label, {})[game] = result = _json(path)
+        if (game, space) not in starts:
+          starts[game, space] = start_sources(config, workdir, game, space)
+        if lineage.changed(result.get("made_from"), starts[game, space]):
+          stale.add((label, game))
   read = (f", reading pretraining first ({config.reading.glyph_steps} glyph steps, "
           f"{config.reading.steps} reading steps)" if reading_steps(config) else "")
   each = ("one warm start per game" if config.warm_start == PER_GAME
@@ -1385,13 +1433,14 @@ def report(config, workdir: str) -> dict:
            "| method | " + " | ".join(TITLES[g] for g in names) + " |",
            "|---|" + "---:|" * len(names)]
   finishing_order = False
-  for label, _ in ROWS:
+  for label, _, _ in ROWS:
     cells = []
     for game in names:
       r = table.get(label, {}).get(game)
       r = r if r is not None and r["episodes"] else None
       mark = "" if r is None or r.get("counted") == COUNTED else " †"
       finishing_order |= bool(mark)
+      mark += " ‡" if r is not None and (label, game) in stale else ""
       cells.append("—" if r is None else f"{r['success_rate']:.1f} ({r['episodes']} ep.){mark}")
       if r is not None:
         out[f"{game}/{label}"] = r["success_rate"]
@@ -1409,6 +1458,10 @@ def report(config, workdir: str) -> dict:
     lines += ["", "† written by an earlier version, which took the episodes in the order they "
               "finished: with environments in parallel that favours short episodes "
               "(NumberLine's failures run to its 10-step limit), so these overstate success."]
+  if stale:
+    lines += ["", "‡ made from an earlier warm start (or latent policy) than the one in the "
+              "workdir now, which was trained again since: run its stage again to make it "
+              "from this one (the old result is kept beside it)."]
   path = os.path.join(workdir, "cards_results.md")
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")

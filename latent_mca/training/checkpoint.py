@@ -165,6 +165,39 @@ def load_params(stage_dir: str, abstract_params=None):
   return load_final(stage_dir, {"params": abstract_params})["params"]
 
 
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager of another stage's checkpoints. PyTreeCheckpointHandler (the
+  format under StandardCheckpointHandler) restores a subtree of the state."""
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+      item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
+                     _LOADER: ocp.JsonCheckpointHandler(),
+                     _HISTORY: ocp.JsonCheckpointHandler()})
+
+
+def _num_steps(manager: ocp.CheckpointManager, step: int) -> int:
+  """The length of the stage whose checkpoint `step` is (its final one is num_steps)."""
+  return manager.restore(step, args=ocp.args.Composite(
+      **{_HISTORY: ocp.args.JsonRestore()}))[_HISTORY]["num_steps"]
+
+
+def final_id(stage_dir: str) -> Optional[str]:
+  """An id of the final checkpoint of the stage in `stage_dir`: "<stage>/<step>@<the
+  time orbax committed it, in ns>", or None where the stage has no checkpoint or did not
+  finish. What is made from a checkpoint records its id (`training.lineage`): training the
+  stage again (more steps, or from scratch) gives a new id; copying the workdir keeps it."""
+  directory = checkpoint_dir(stage_dir)
+  if not os.path.isdir(directory):
+    return None
+  with _reader(directory) as manager:
+    step = manager.latest_step()
+    if step is None or _num_steps(manager, step) != step:
+      return None
+    committed = manager.metadata(step).commit_timestamp_nsecs
+  return f"{stage_name(stage_dir)}/{step}@{committed}"
+
+
 def load_final(stage_dir: str, fields: dict) -> dict:
   """Fields of the TrainState in the final checkpoint of another stage (workdir/<stage>).
 
@@ -181,16 +214,11 @@ def load_final(stage_dir: str, fields: dict) -> dict:
   stage, directory = stage_name(stage_dir), checkpoint_dir(stage_dir)
   if not os.path.isdir(directory):
     raise CheckpointNotFoundError(directory, stage, "the folder does not exist")
-  # PyTreeCheckpointHandler (the format under StandardCheckpointHandler) restores a subtree.
-  with ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
-                     _HISTORY: ocp.JsonCheckpointHandler()}) as manager:
+  with _reader(directory) as manager:
     step = manager.latest_step()
     if step is None:
       raise CheckpointNotFoundError(directory, stage)
-    num_steps = manager.restore(step, args=ocp.args.Composite(
-        **{_HISTORY: ocp.args.JsonRestore()}))[_HISTORY]["num_steps"]
+    num_steps = _num_steps(manager, step)
     if step != num_steps:
       raise CheckpointNotFoundError(
           directory, stage, f"its latest checkpoint is step {step} of {num_steps}, not final")
