@@ -21,7 +21,12 @@ expert, sft, latent_idm, latent_bc and ppo values in place of the job's; the rep
 them). With one shared warm start (`--config.warm_start=shared`) the whole
 job took 7 to 13 minutes on one H100 and its warm start reads the frames far better than
 the CPU job's (results/cards_gpu_h100/); Blackjack trained alone reads them better still
-(results/cards_gpu_h100/blackjack_alone_cpu/).
+(results/cards_gpu_h100/blackjack_alone_cpu/). `cpu` runs the four games on 2 CPU cores as
+four jobs of their own (`warm_start=separate`), each in workdir/<game>/ with its own
+expert data, tokenizer, reading stage and warm start: exactly the job
+configs/cards.py:<game> runs (Points24's with its recipe, `config.per_game.points24`),
+so a finished workdir of one of those copied to workdir/<game> is reused as it is; then
+one report over the four in workdir/cards_results.md.
 
 The PPO settings are the reference's (clip 0.1, value clip 0.1, value coef 0.5, gamma 0.9,
 GAE lambda 0.95, 4 epochs, temperature 0.2, thought coefficient 0.5, gradient norm 0.01)
@@ -59,14 +64,17 @@ def get_config(arg=None):
   arg = arg or "all"
   if arg == "smoke":
     return cards.smoke_config()
-  if arg not in ("all", "gpu") and arg not in GAMES:
+  if arg not in ("all", "gpu", "cpu") and arg not in GAMES:
     raise ValueError(f"configs/cards.py: unknown argument {arg!r}; use one of "
-                     f"{', '.join(GAMES)}, all, gpu or smoke")
+                     f"{', '.join(GAMES)}, all, cpu, gpu or smoke")
   config = cards.default_config()
   config.games = arg if arg in GAMES else ",".join(GAMES)
   config.ppo.learning_rate = 1e-4
   if arg == "gpu":
     cards.gpu_budget(config)
+    config.per_game.points24 = cards.points24_recipe()
+  if arg == "cpu":
+    config.warm_start = stages_cards.SEPARATE
     config.per_game.points24 = cards.points24_recipe()
   if arg == "points24":
     config = stages_cards.overridden(config, cards.points24_recipe())

@@ -37,6 +37,7 @@ from latent_mca.compilation_cache import enable_compilation_cache
 from latent_mca.config_schema import add_missing_defaults
 from latent_mca.config_schema import ConfigError
 from latent_mca.config_schema import validate_config
+from latent_mca.config_schema import write_config
 from latent_mca.parallel import distributed
 
 _USAGE_ERROR_STATUS = 2
@@ -129,35 +130,6 @@ def resolve_config(
         f"{', '.join(sorted(jobs.JOBS))} or a module path; got {name!r}.")
   job = jobs.get_job(name)
   return job, validate_config(raw_config, job_schema(job, name))
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes `config` to `workdir/config.json`, keeping any different old one.
-
-  An existing different config.json (from an earlier run in the same workdir)
-  is renamed to the first free `config.<N>.json`, N >= 1, so no record of
-  what produced earlier outputs is lost.
-
-  Args:
-    config: the resolved config.
-    workdir: an existing directory.
-
-  Returns:
-    The path of the written config.json.
-  """
-  path = os.path.join(workdir, "config.json")
-  text = config.to_json_best_effort(indent=2) + "\n"
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return path
-    n = 1
-    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
-      n += 1
-    os.rename(path, os.path.join(workdir, f"config.{n}.json"))
-    logging.info("Kept the previous config as config.%d.json", n)
-  _write_text(path, text)
-  return path
 
 
 def write_metrics(metrics: Mapping[str, Any], workdir: str) -> str:

@@ -8,8 +8,10 @@ sweep is caught before any compute is spent rather than silently ignored.
 
 import copy
 import difflib
+import os
 from typing import Any
 
+from absl import logging
 import ml_collections
 from ml_collections import config_dict
 
@@ -180,3 +182,34 @@ def _expected_name(expected: type) -> str:
 
 def _type_name(value) -> str:
   return type(value).__name__
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes `config` to `workdir/config.json`, keeping any different old one.
+
+  An existing different config.json (from an earlier run in the same workdir)
+  is renamed to the first free `config.<N>.json`, N >= 1, so no record of
+  what produced earlier outputs is lost.
+
+  Args:
+    config: the resolved config.
+    workdir: an existing directory.
+
+  Returns:
+    The path of the written config.json.
+  """
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2) + "\n"
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return path
+    n = 1
+    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+      n += 1
+    os.rename(path, os.path.join(workdir, f"config.{n}.json"))
+    logging.info("Kept the previous config as config.%d.json", n)
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return path

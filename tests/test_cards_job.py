@@ -217,6 +217,58 @@ def test_the_gpu_config_is_all_four_games_with_a_larger_warm_start_per_game():
     assert gpu[field] == base[field], field
 
 
+def test_the_cpu_config_runs_each_game_as_the_job_of_its_own_config():
+  """configs/cards.py:cpu runs, in workdir/<game>, exactly the job configs/cards.py:<game>
+  runs (so a finished one copied there is reused), Points24's with its recipe."""
+  cpu = cards_configs.get_config("cpu")
+  assert cpu.games == "numberline,ezpoints,points24,blackjack"
+  assert cpu.warm_start == "separate"
+  for game in cards.games(cpu):
+    assert cards.separate_config(cpu, game).to_dict() == cards_configs.get_config(game).to_dict()
+  assert cards.separate_config(cpu, "points24").latent_bc.num_steps == 1000
+  assert cards.separate_config(cpu, "blackjack").latent_bc.num_steps == 200
+  with pytest.raises(ConfigError, match="'separate': each game is a job of its own"):
+    cards.warm_starts(cpu, "w")
+
+
+def test_separate_jobs_run_every_stage_in_each_games_folder_then_one_report(tmp_path,
+                                                                            monkeypatch):
+  """Each game's job runs the stages in workdir/<game> with its own config (written
+  there); the report runs once more over all of them in the workdir."""
+  config = cards_configs.get_config("smoke")
+  config.games, config.warm_start = "numberline,points24", "separate"
+  config.per_game.points24 = dict(ppo=dict(learning_rate=3e-5))
+  calls = []
+  for name in cards.STAGES:
+    monkeypatch.setitem(cards.STAGES, name, lambda c, w, name=name: calls.append(
+        (name, c.games, c.warm_start, c.ppo.learning_rate, os.path.relpath(w, tmp_path)))
+        or {f"{name}/x": 1.0})
+  metrics = cards_job.run(config, str(tmp_path))
+  lr = config.ppo.learning_rate
+  assert calls == (
+      [(name, "numberline", "shared", lr, "numberline") for name in cards.STAGES]
+      + [(name, "points24", "shared", 3e-5, "points24") for name in cards.STAGES]
+      + [("report", "numberline,points24", "separate", lr, ".")])
+  assert metrics["numberline/sft/x"] == metrics["points24/report/x"] == 1.0
+  written = json.load(open(tmp_path / "points24" / "config.json"))
+  assert written["games"] == "points24" and written["per_game"] == {}
+  assert written["ppo"]["learning_rate"] == 3e-5
+
+
+def test_the_report_of_separate_jobs_reads_each_games_folder(tmp_path):
+  config = cards_configs.get_config("smoke")
+  config.games, config.warm_start = "numberline,blackjack", "separate"
+  for game, rate in (("numberline", 91.5), ("blackjack", 41.25)):
+    folder = tmp_path / game / game
+    os.makedirs(folder)
+    (folder / "eval_sft.json").write_text(json.dumps(
+        {"success_rate": rate, "episodes": 200, "counted": cards.COUNTED}))
+  cards.report(config, str(tmp_path))
+  text = open(tmp_path / "cards_results.md").read()
+  assert "| ours: SFT only | 91.5 (200 ep.) | 41.2 (200 ep.) |" in text
+  assert "each game a job of its own" in text
+
+
 def _flat(tree: dict) -> dict:
   """`cards.flat_fields`, tuples as the lists a config.json holds."""
   return {k: list(v) if isinstance(v, tuple) else v for k, v in cards.flat_fields(tree).items()}

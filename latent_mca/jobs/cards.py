@@ -9,12 +9,14 @@ stage writes under the workdir and reuses what a previous run finished.
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import jax
 import ml_collections
 from absl import logging
 
 from latent_mca.cards import experts
-from latent_mca.config_schema import ConfigError
+from latent_mca.config_schema import ConfigError, write_config
 from latent_mca.jobs import pipeline
 from latent_mca.parallel import mesh as mesh_lib
 from latent_mca.rl import ppo
@@ -126,10 +128,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _check(game_config)
       except ConfigError as e:
         raise ConfigError(f"with config.per_game.{game}'s values: {e}") from None
+  if config.warm_start == cards.SEPARATE:
+    return _run_separately(config, workdir, stages)
   metrics = {}
   for stage in stages:
     logging.info("cards stage %s", stage)
     metrics.update(cards.STAGES[stage](config, workdir))
+  return metrics
+
+
+def _run_separately(config: ml_collections.ConfigDict, workdir: str, stages: list[str]) -> dict:
+  """warm_start="separate": each game's job (`cards.separate_config`, its config written to
+  workdir/<game>/config.json) in workdir/<game>/, its metrics under "<game>/", then the
+  report over them all."""
+  metrics = {}
+  for game in cards.games(config):
+    folder = os.path.join(workdir, game)
+    os.makedirs(folder, exist_ok=True)
+    game_config = cards.separate_config(config, game)
+    if jax.process_index() == 0:
+      write_config(game_config, folder)
+    logging.info("cards: %s, a job of its own in %s", game, folder)
+    for key, value in run(game_config, folder).items():
+      metrics[key if key.startswith(f"{game}/") else f"{game}/{key}"] = value
+  if "report" in stages:
+    metrics.update(cards.STAGES["report"](config, workdir))
   return metrics
 
 

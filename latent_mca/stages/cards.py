@@ -125,25 +125,48 @@ def games(config) -> list[str]:
 # config.warm_start: "shared" trains one warm start (sft, then the latent model) on every
 # listed game, in the workdir; "per_game" trains one per game, as the reference does
 # (RL4VLM fine-tunes one model per task), in workdir/<game>/ beside that game's evaluation
-# and PPO runs, each from the same reading stage with the whole `sft` (and latent) budget.
-SHARED, PER_GAME = "shared", "per_game"
-WARM_STARTS = (SHARED, PER_GAME)
+# and PPO runs, each from the same reading stage with the whole `sft` (and latent) budget;
+# "separate" runs each game as a job of its own in workdir/<game>/ (its own expert data,
+# tokenizer, reading stage and warm start: the job `separate_config` gives, which
+# `jobs.cards.run` runs), then one report over them.
+SHARED, PER_GAME, SEPARATE = "shared", "per_game", "separate"
+WARM_STARTS = (SHARED, PER_GAME, SEPARATE)
 
 
 def check_warm_start(config) -> None:
   if config.warm_start not in WARM_STARTS:
     raise ConfigError(f"config.warm_start: {config.warm_start!r}; choose "
-                      f"{' or '.join(WARM_STARTS)}")
+                      f"{', '.join(WARM_STARTS[:-1])} or {WARM_STARTS[-1]}")
 
 
 def warm_starts(config, workdir: str) -> list[tuple[str, list[str]]]:
   """(folder, games) of each warm start to train: the workdir and every listed game, or
   workdir/<game> and that game alone per game (`config.warm_start`)."""
   check_warm_start(config)
+  if config.warm_start == SEPARATE:
+    raise ConfigError(f"config.warm_start={SEPARATE!r}: each game is a job of its own "
+                      "(`jobs.cards.run`); run a stage on workdir/<game> with "
+                      "`separate_config(config, game)`")
   names = games(config)
   if config.warm_start == SHARED:
     return [(workdir, names)]
   return [(os.path.join(workdir, g), [g]) for g in names]
+
+
+def separate_config(config, game: str):
+  """The job `game` runs as with warm_start="separate", in workdir/<game>/: `config` with
+  its `per_game[game]` values (`game_config`), that game alone and one (shared) warm
+  start; what configs/cards.py:<game> gives where config is configs/cards.py:cpu."""
+  out = copy.deepcopy(game_config(config, game))
+  out.games, out.warm_start = game, SHARED
+  out.per_game = type(out.per_game)()
+  return out
+
+
+def game_workdir(config, workdir: str, game: str) -> str:
+  """The workdir of the job whose results for `game` sit in <it>/<game>/: `workdir`, or
+  workdir/<game> for a job of its own (warm_start="separate")."""
+  return os.path.join(workdir, game) if config.warm_start == SEPARATE else workdir
 
 
 def warm_start_config(config, names: Sequence[str]):
@@ -153,7 +176,8 @@ def warm_start_config(config, names: Sequence[str]):
 
 
 def warm_start_dir(config, workdir: str, game: str) -> str:
-  """The folder of the warm start `game` starts its evaluation and PPO from."""
+  """The folder of the warm start `game` starts its evaluation and PPO from (per game, and
+  of a game's own job, workdir/<game>)."""
   check_warm_start(config)
   return workdir if config.warm_start == SHARED else os.path.join(workdir, game)
 
@@ -1405,7 +1429,7 @@ def report(config, workdir: str) -> dict:
   table, out, stale, starts = {}, {}, set(), {}
   for label, rel, space in ROWS:
     for game in names:
-      path = os.path.join(workdir, game, rel)
+      path = os.path.join(game_workdir(config, workdir, game), game, rel)
       if os.path.isfile(path):
         table.setdefault(label, {})[game] = result = _json(path)
         if (game, space) not in starts:
@@ -1414,8 +1438,9 @@ def report(config, workdir: str) -> dict:
           stale.add((label, game))
   read = (f", reading pretraining first ({config.reading.glyph_steps} glyph steps, "
           f"{config.reading.steps} reading steps)" if reading_steps(config) else "")
-  each = ("one warm start per game" if config.warm_start == PER_GAME
-          else "one warm start on every game listed")
+  each = {SHARED: "one warm start on every game listed", PER_GAME: "one warm start per game",
+          SEPARATE: "each game a job of its own in <workdir>/<game>/ (its own expert data, "
+                    "tokenizer, reading stage and warm start)"}[config.warm_start]
   lines = ["# Card games: success rate (%)", "",
            f"Ours: a tiny Qwen2.5-VL trained from scratch{read}, {each} "
            "(config in config.json); "
@@ -1447,7 +1472,7 @@ def report(config, workdir: str) -> dict:
     lines.append(f"| ours: {label} | " + " | ".join(cells) + " |")
   experts_row = []
   for game in names:
-    _, meta = _expert_paths(workdir, game)
+    _, meta = _expert_paths(game_workdir(config, workdir, game), game)
     experts_row.append(f"{100 * _json(meta)['success_rate']:.1f}" if os.path.isfile(meta)
                        else "—")
   lines.append("| expert solver (the SFT data) | " + " | ".join(experts_row) + " |")
