@@ -112,7 +112,15 @@ def measure(game: str, params, extra, actor, envs: int, chunk_size: int) -> dict
 
 def measure_workdir(config, workdir: str, envs: int, chunk_size: int) -> dict:
   """{"<game>/<policy>": `measure`'s row} for the warm start, the latent policy before PPO
-  (where the latent stage finished) and each finished PPO run."""
+  (where the latent stage finished) and each finished PPO run (of each game's own job
+  where they are separate: `cards.jobs_of`)."""
+  rows = {}
+  for config, workdir in cards.jobs_of(config, workdir):
+    rows.update(_measure_job(config, workdir, envs, chunk_size))
+  return rows
+
+
+def _measure_job(config, workdir: str, envs: int, chunk_size: int) -> dict:
   rows = {}
   for game in cards.games(config):
     for label, space, stage in (("sft", rollout_lib.TOKEN, None),

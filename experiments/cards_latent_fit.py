@@ -97,7 +97,15 @@ def _summary(sums: dict) -> dict:
 
 
 def measure(config, workdir: str, batches: int, batch_size: int) -> dict:
-  """{game: summary} of the latent policy beside the warm start, per game."""
+  """{game: summary} of the latent policy beside the warm start, per game (in each game's
+  own job where they are separate: `cards.jobs_of`)."""
+  out = {}
+  for config_j, workdir_j in cards.jobs_of(config, workdir):
+    out.update(_measure_job(config_j, workdir_j, batches, batch_size))
+  return out
+
+
+def _measure_job(config, workdir: str, batches: int, batch_size: int) -> dict:
   _, _, layout, model_cfg = cards._setup(config, workdir)
   system = steps_lib.LatentSystem.build(model_cfg, latent_lib.latent_config(config))
   fn = jax.jit(functools.partial(token_sums, system))

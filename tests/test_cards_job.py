@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import cards as cards_configs
-from experiments import cards_latent_fit
+from experiments import cards_grounding, cards_latent_fit
 from latent_mca.cards import experts
 from latent_mca.config_schema import ConfigError
 from latent_mca.jobs import cards as cards_job
@@ -253,6 +253,22 @@ def test_separate_jobs_run_every_stage_in_each_games_folder_then_one_report(tmp_
   written = json.load(open(tmp_path / "points24" / "config.json"))
   assert written["games"] == "points24" and written["per_game"] == {}
   assert written["ppo"]["learning_rate"] == 3e-5
+
+
+@pytest.mark.parametrize("module, name, args", [(cards_latent_fit, "measure", (8, 16)),
+                                                (cards_grounding, "measure_workdir", (8, 4))])
+def test_the_card_experiments_measure_separate_jobs_each_in_its_folder(module, name, args,
+                                                                      monkeypatch):
+  config = cards_configs.get_config("cpu")
+  config.games = "ezpoints,blackjack"
+  monkeypatch.setattr(module, "_measure_job", lambda c, w, *rest: {
+      c.games: (c.warm_start, c.latent_bc.num_steps, w, rest)})
+  assert getattr(module, name)(config, "W", *args) == {
+      "ezpoints": ("shared", 200, os.path.join("W", "ezpoints"), args),
+      "blackjack": ("shared", 200, os.path.join("W", "blackjack"), args)}
+  config.warm_start = "shared"
+  assert getattr(module, name)(config, "W", *args) == {
+      "ezpoints,blackjack": ("shared", 200, "W", args)}
 
 
 def test_the_report_of_separate_jobs_reads_each_games_folder(tmp_path):

@@ -142,10 +142,9 @@ def _run_separately(config: ml_collections.ConfigDict, workdir: str, stages: lis
   workdir/<game>/config.json) in workdir/<game>/, its metrics under "<game>/", then the
   report over them all."""
   metrics = {}
-  for game in cards.games(config):
-    folder = os.path.join(workdir, game)
+  for game_config, folder in cards.jobs_of(config, workdir):
+    game = game_config.games
     os.makedirs(folder, exist_ok=True)
-    game_config = cards.separate_config(config, game)
     if jax.process_index() == 0:
       write_config(game_config, folder)
     logging.info("cards: %s, a job of its own in %s", game, folder)

@@ -163,6 +163,14 @@ def separate_config(config, game: str):
   return out
 
 
+def jobs_of(config, workdir: str) -> list[tuple[object, str]]:
+  """(config, workdir) of each job the listed games run in: the one job, or with
+  warm_start="separate" each game's (`separate_config`, workdir/<game>)."""
+  if config.warm_start != SEPARATE:
+    return [(config, workdir)]
+  return [(separate_config(config, g), os.path.join(workdir, g)) for g in games(config)]
+
+
 def game_workdir(config, workdir: str, game: str) -> str:
   """The workdir of the job whose results for `game` sit in <it>/<game>/: `workdir`, or
   workdir/<game> for a job of its own (warm_start="separate")."""
