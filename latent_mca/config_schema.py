@@ -36,6 +36,9 @@ def validate_config(
       value accepts a ConfigDict or dict, and a None schema value (or an
       `ml_collections.config_dict.placeholder(T)`, which is None by default)
       accepts anything (respectively a T or None);
+    * an empty ConfigDict schema value is an open group (e.g. the cards job's
+      `per_game`): it accepts any ConfigDict or dict, whose contents the job
+      checks itself;
     * a key of `schema` missing from `config` takes the schema's value.
 
   Args:
@@ -113,6 +116,8 @@ def _validate_dict(config, schema, path, errors):
 def _validate_value(value, schema_value, schema_type, path, errors) -> Any:
   """Returns `value` normalised to the schema's type, or records a problem."""
   if isinstance(schema_value, ml_collections.ConfigDict):
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and not schema_value:
+      return ml_collections.ConfigDict(copy.deepcopy(value))  # an open group
     if isinstance(value, (ml_collections.ConfigDict, dict)):
       return _validate_dict(value, schema_value, path, errors)
     errors.append(_type_message(path, "ConfigDict (or dict)", value))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import cards as cards_configs
-from experiments import cards_grounding, cards_latent_fit
+from experiments import cards_grounding, cards_latent_fit, run
 from latent_mca.cards import experts
 from latent_mca.config_schema import ConfigError
 from latent_mca.jobs import cards as cards_job
@@ -20,6 +20,7 @@ from latent_mca.stages import backbone as backbone_lib
 from latent_mca.stages import cards
 from latent_mca.training import checkpoint
 from latent_mca.training.checkpoint import CheckpointNotFoundError
+from tests.test_reference_configs import _load
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +230,17 @@ def test_the_cpu_config_runs_each_game_as_the_job_of_its_own_config():
   assert cards.separate_config(cpu, "blackjack").latent_bc.num_steps == 200
   with pytest.raises(ConfigError, match="'separate': each game is a job of its own"):
     cards.warm_starts(cpu, "w")
+
+
+@pytest.mark.parametrize("arg", ["all", "cpu", "gpu", "smoke", *cards_configs.GAMES])
+def test_every_cards_config_passes_the_runners_validation(arg):
+  """As `experiments.run` loads and checks them, per_game (an open group) included."""
+  job, config = run.resolve_config(_load(f"{cards_configs.__file__}:{arg}"))
+  assert job is cards_job and config.to_dict() == cards_configs.get_config(arg).to_dict()
+  if arg in ("cpu", "gpu"):  # a per-game value the config sets can be overridden
+    _, config = run.resolve_config(_load(f"{cards_configs.__file__}:{arg}",
+                                         "--config.per_game.points24.ppo.learning_rate=3e-5"))
+    assert cards.game_config(config, "points24").ppo.learning_rate == 3e-5
 
 
 def test_separate_jobs_run_every_stage_in_each_games_folder_then_one_report(tmp_path,

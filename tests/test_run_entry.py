@@ -86,6 +86,19 @@ def test_none_schema_accepts_anything(value):
     assert config.anything == value
 
 
+def test_an_empty_group_is_open_to_any_fields_the_job_checks():
+  schema = ml_collections.ConfigDict({"per_game": ml_collections.ConfigDict(), "steps": 1})
+  given = {"points24": {"ppo": {"learning_rate": 1e-5}}}
+  config = validate_config(_config(per_game=given), schema)
+  assert config.per_game.to_dict() == given and config.steps == 1
+  assert validate_config(_config(), schema).per_game.to_dict() == {}
+  with pytest.raises(ConfigError, match="config.per_game: expected ConfigDict"):
+    validate_config(_config(per_game=3), schema)
+  # a group with fields is not open
+  with pytest.raises(ConfigError, match="config.model.width: unknown field"):
+    validate_config(_config(model={"width": 4}), _schema())
+
+
 def test_typed_placeholder_accepts_its_type_or_none():
   schema = ml_collections.ConfigDict({"seed": config_dict.placeholder(int)})
   assert validate_config(_config(seed=3), schema).seed == 3
