@@ -7,16 +7,20 @@ checkpoints (`checkpoint.final_id`) as its sources: in the result it writes, or 
 has been trained again since (more steps, or from scratch), what it made is moved aside,
 never deleted (`move_aside`: `<name>.stale<k>`), and made again from the new source.
 
-Outputs written before sources were recorded carry none and are kept as they are.
+Outputs written before sources were recorded carry none and are kept as they are. With
+several processes, process 0 alone moves and writes, and the others wait for it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Mapping, Optional, Sequence
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 
 MADE_FROM = "made_from.json"
 Sources = Mapping[str, Optional[str]]
@@ -53,6 +57,18 @@ def _moved(paths: Sequence[str], names: list[str]) -> None:
                       move_aside(path))
 
 
+def _main_process_then_all(fn):
+  """`fn` run by process 0 alone, every process returning once it is done."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    if jax.process_index() == 0:
+      fn(*args, **kwargs)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"lineage.{fn.__name__}")
+  return wrapped
+
+
+@_main_process_then_all
 def check_result(path: str, sources: Sources) -> None:
   """Moves the JSON result at `path` aside if its "made_from" names other ids than
   `sources` (`changed`); the caller then makes it again."""
@@ -64,6 +80,7 @@ def check_result(path: str, sources: Sources) -> None:
     _moved([path], names)
 
 
+@_main_process_then_all
 def check_folders(folders: Sequence[str], sources: Sources) -> None:
   """Readies the folders of stages made from `sources`, in order, each later one made
   from the one before (the latent model's IDM, then its BC), the first one's
