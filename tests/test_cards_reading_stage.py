@@ -162,6 +162,37 @@ def test_sft_starts_from_the_readings_final_params(read, monkeypatch, tmp_path):
   assert started.value.args[0] == "sft" and _equal(nn.meta.unbox(started.value.args[1]), final)
 
 
+def test_sft_records_the_reading_it_starts_from_and_starts_again_after_another(read,
+                                                                              monkeypatch,
+                                                                              tmp_path):
+  """sft/made_from.json names the reading stage's final checkpoint; an sft made from
+  another one (the reading stage trained again since) is moved aside, not resumed."""
+  config, workdir, _ = read
+  copy = str(tmp_path / "cards")
+  shutil.copytree(workdir, copy)
+
+  class Started(Exception):
+    pass
+
+  def train(*args, **kwargs):
+    raise Started
+
+  monkeypatch.setattr(cards.loop, "train", train)
+  with pytest.raises(Started):
+    cards.sft(config, copy)
+  made_from = os.path.join(copy, "sft", "made_from.json")
+  reading = checkpoint.final_id(os.path.join(copy, "reading"))
+  assert reading.startswith("reading/4@")  # 2 glyph + 2 reading steps
+  assert json.load(open(made_from)) == {"reading": reading}
+  with open(made_from, "w") as f:
+    json.dump({"reading": "reading/4@1"}, f)  # as if made before the reading was redone
+  with pytest.raises(Started):
+    cards.sft(config, copy)
+  assert json.load(open(os.path.join(copy, "sft.stale1", "made_from.json"))) == {
+      "reading": "reading/4@1"}
+  assert json.load(open(made_from)) == {"reading": reading}
+
+
 @pytest.mark.parametrize("spec", ["visual", "visual, embed_tokens", "decoder,lm_head",
                                   "visual,decoder:1"])
 def test_sft_takes_the_groups_from_reading_asks_for_and_starts_the_rest_fresh(read, spec):
