@@ -58,8 +58,11 @@ def test_the_gpu_config_gives_points24_its_recipe_and_the_others_the_jobs():
 
 @pytest.mark.parametrize("game,sections,message", [
     ("poker", dict(ppo=dict(learning_rate=1e-5)), "config.per_game.poker: no such game"),
+    ("points24", dict(env=dict(solvable_only=False)),
+     "config.per_game.points24.env: only expert, reading, sft, latent_idm, latent_bc, ppo"),
     ("points24", dict(reading=dict(steps=3)),
-     "config.per_game.points24.reading: only expert, sft, latent_idm, latent_bc, ppo"),
+     "config.per_game.points24.reading: the games share one reading stage unless each is a "
+     "job of its own; use --config.warm_start=separate"),
     ("points24", dict(ppo=dict(learning_rat=1e-5)),
      r"per_game.points24.ppo.learning_rat: no such field \(that group has .*learning_rate"),
     ("points24", dict(sft=dict(optimizer=3)), "per_game.points24.sft.optimizer overrides a "
@@ -75,6 +78,14 @@ def test_bad_per_game_settings_are_config_errors_naming_them(tmp_path, game, sec
   with pytest.raises(ConfigError, match=message):
     cards_job.run(config, str(tmp_path))
   assert os.listdir(tmp_path) == []
+
+
+def test_a_game_of_its_own_takes_its_own_reading_stage():
+  config = cards_configs.get_config("cpu")
+  config.per_game.blackjack = dict(reading=dict(steps=3000))
+  cards.check_per_game(config)
+  assert cards.separate_config(config, "blackjack").reading.steps == 3000
+  assert cards.separate_config(config, "numberline").reading.steps == 1200
 
 
 def test_a_per_game_value_out_of_range_names_the_game(tmp_path):

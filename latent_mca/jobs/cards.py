@@ -104,8 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.ppo.update(dict(num_envs=16, num_steps=8, minibatch_size=32, num_updates=4,
                     lr_decay_updates=4, latent_top_k=32, trainable=("",)))
   # {game: {section: {field: value}}}: one game's expert, sft, latent_idm, latent_bc or ppo
-  # values in place of the ones above (sft and latent_* with warm_start=per_game only;
-  # `stages.cards.game_config`), e.g. `gpu`'s per_game.points24 (`points24_recipe`).
+  # values in place of the ones above (sft and latent_* not with warm_start=shared; reading
+  # with warm_start=separate only; `stages.cards.game_config`), e.g. `gpu`'s
+  # per_game.points24 (`points24_recipe`).
   c.per_game = ml_collections.ConfigDict()
   return c
 

@@ -194,8 +194,9 @@ def warm_start_dir(config, workdir: str, game: str) -> str:
 # and latent model (per_game warm starts only) and PPO take instead of the top-level values,
 # e.g. per_game.points24.ppo.learning_rate, as the reference tunes each task. `game_config`
 # applies them; the stages and `Actor` / `ExpertData` call it.
-PER_GAME_SECTIONS = ("expert", "sft", "latent_idm", "latent_bc", "ppo")
+PER_GAME_SECTIONS = ("expert", "reading", "sft", "latent_idm", "latent_bc", "ppo")
 _WARM_START_SECTIONS = ("sft", "latent_idm", "latent_bc")
+_OWN_JOB_SECTIONS = ("reading",)  # one per job: per game only in a game's own job
 
 
 def _override(target, values, path: str) -> None:
@@ -245,6 +246,10 @@ def check_per_game(config) -> None:
         raise ConfigError(f"config.per_game.{game}.{section}: one shared warm start "
                           f"(config.warm_start={SHARED!r}) has no per-game {section}; use "
                           f"--config.warm_start={PER_GAME} or set it for every game")
+      if section in _OWN_JOB_SECTIONS and config.warm_start != SEPARATE:
+        raise ConfigError(f"config.per_game.{game}.{section}: the games share one {section} "
+                          f"stage unless each is a job of its own; use "
+                          f"--config.warm_start={SEPARATE} or set it for every game")
     game_config(config, game)  # unknown fields
 
 
