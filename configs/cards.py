@@ -5,7 +5,10 @@ r"""Chain-of-thought PPO on the RL4VLM card games (SPEC section 4), one config p
 GAME is numberline, ezpoints, points24 or blackjack; `points24` is the defaults with the
 Points24 recipe that wins above the reference on 2 CPU cores (`cards.points24_recipe`:
 32768 expert transitions, 4000 SFT steps half of them readings of formulas up to 15
-symbols, 1000 latent BC steps, PPO at lr 1e-5; results/points24_plans/README.md). `all` (the default) runs the four
+symbols, 1000 latent BC steps, PPO at lr 1e-5; results/points24_plans/README.md);
+`blackjack` the defaults with the Blackjack recipe (`cards.blackjack_recipe`: 4096 expert
+transitions, 1000 glyph and 4000 reading steps, 2000 SFT steps, as the Blackjack warm
+start that won above the reference had). `all` (the default) runs the four
 in one workdir, which is how the results table is made: the expert plays each game,
 one tiny Qwen2.5-VL is warm-started on all four games' expert chain-of-thought, the
 latent action model is fitted on the same data, then PPO runs per game in token space
@@ -24,7 +27,8 @@ the CPU job's (results/cards_gpu_h100/); Blackjack trained alone reads them bett
 (results/cards_gpu_h100/blackjack_alone_cpu/). `cpu` runs the four games on 2 CPU cores as
 four jobs of their own (`warm_start=separate`), each in workdir/<game>/ with its own
 expert data, tokenizer, reading stage and warm start: exactly the job
-configs/cards.py:<game> runs (Points24's with its recipe, `config.per_game.points24`),
+configs/cards.py:<game> runs (Points24's and Blackjack's with their recipes,
+`config.per_game.<game>`),
 so a finished workdir of one of those copied to workdir/<game> is reused as it is; then
 one report over the four in workdir/cards_results.md.
 
@@ -76,6 +80,9 @@ def get_config(arg=None):
   if arg == "cpu":
     config.warm_start = stages_cards.SEPARATE
     config.per_game.points24 = cards.points24_recipe()
+    config.per_game.blackjack = cards.blackjack_recipe()
   if arg == "points24":
     config = stages_cards.overridden(config, cards.points24_recipe())
+  if arg == "blackjack":
+    config = stages_cards.overridden(config, cards.blackjack_recipe())
   return config

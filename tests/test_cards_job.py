@@ -227,7 +227,8 @@ def test_the_cpu_config_runs_each_game_as_the_job_of_its_own_config():
   for game in cards.games(cpu):
     assert cards.separate_config(cpu, game).to_dict() == cards_configs.get_config(game).to_dict()
   assert cards.separate_config(cpu, "points24").latent_bc.num_steps == 1000
-  assert cards.separate_config(cpu, "blackjack").latent_bc.num_steps == 200
+  assert cards.separate_config(cpu, "blackjack").reading.steps == 4000
+  assert cards.separate_config(cpu, "numberline").reading.steps == 1200
   with pytest.raises(ConfigError, match="'separate': each game is a job of its own"):
     cards.warm_starts(cpu, "w")
 
@@ -331,9 +332,29 @@ def test_the_points24_config_is_the_recorded_warm_start_that_wins_above_the_refe
   lr_run = json.load(open(os.path.join(run, "ppo_token_lr1e-5", "config.json")))
   assert lr_run["ppo"] == cards_configs.get_config("points24").ppo.to_dict() | {
       "trainable": [""]}
-  for game in ("numberline", "ezpoints", "blackjack"):  # the others are the defaults
+  for game in ("numberline", "ezpoints"):  # the defaults; Blackjack's below
     assert _flat(cards_configs.get_config(game).to_dict()) == _flat(
         cards_configs.get_config("all").to_dict()) | {"games": game}
+
+
+def test_the_blackjack_config_gives_its_job_the_winning_warm_starts_budget():
+  """configs/cards.py:blackjack is the defaults with 4096 expert transitions, 2000 SFT
+  steps at batch 16 (as the Blackjack-alone warm start of results/cards_gpu_h100/
+  blackjack_alone_cpu, which won 39.4% and token PPO from it 41.7%) and a reading stage of
+  its own with 1000 glyph and 4000 reading steps at 16 (that run's H100 reading stage:
+  1000 + 8000 at 32 over four games, about as many Blackjack frames)."""
+  config = _flat(cards_configs.get_config("blackjack").to_dict())
+  default = _flat(cards_configs.get_config("all").to_dict()) | {"games": "blackjack"}
+  assert {k: (default[k], config[k]) for k in config if config[k] != default[k]} == {
+      "expert.transitions": (2048, 4096), "reading.glyph_steps": (300, 1000),
+      "reading.steps": (1200, 4000), "sft.num_steps": (600, 2000)}
+  winner = _flat(json.load(open(os.path.join(
+      os.path.dirname(__file__), "..", "results", "cards_gpu_h100", "blackjack_alone_cpu",
+      "config.json"))))
+  for key in ("expert.transitions", "sft.num_steps", "sft.batch_size", "reading.glyph_steps"):
+    assert config[key] == winner[key], key
+  assert config["reading.steps"] * config["reading.batch_size"] == (
+      winner["reading.steps"] * winner["reading.batch_size"] // 4)
 
 
 def test_a_stage_without_its_inputs_names_them(tmp_path):
