@@ -460,7 +460,8 @@ def test_the_grounding_experiment_measures_each_policy_in_chunks(smoke_run, tmp_
 def test_a_bad_warm_start_is_a_config_error(tmp_path):
   config = cards_configs.get_config("smoke")
   config.warm_start = "each"
-  with pytest.raises(ConfigError, match="config.warm_start: 'each'; choose shared, per_game or separate"):
+  with pytest.raises(ConfigError,
+                     match="config.warm_start: 'each'; choose shared, per_game or separate"):
     cards_job.run(config, str(tmp_path))
   assert os.listdir(tmp_path) == []
 
