@@ -2,7 +2,9 @@ r"""Chain-of-thought PPO on the RL4VLM card games (SPEC section 4), one config p
 
   python -m experiments.run --config configs/cards.py:GAME --workdir workdirs/cards
 
-GAME is numberline, ezpoints, points24 or blackjack; `points24` is the defaults with the
+GAME is numberline, ezpoints, points24 or blackjack; `numberline` is the defaults with the
+reading stage of a game alone on 2 CPU cores (`cards.numberline_recipe`: 1000 glyph and
+4000 reading steps); `points24` the defaults with the
 Points24 recipe that wins above the reference on 2 CPU cores (`cards.points24_recipe`:
 32768 expert transitions, 4000 SFT steps half of them readings of formulas up to 15
 symbols, 1000 latent BC steps, PPO at lr 1e-5; results/points24_plans/README.md);
@@ -27,7 +29,7 @@ the CPU job's (results/cards_gpu_h100/); Blackjack trained alone reads them bett
 (results/cards_gpu_h100/blackjack_alone_cpu/). `cpu` runs the four games on 2 CPU cores as
 four jobs of their own (`warm_start=separate`), each in workdir/<game>/ with its own
 expert data, tokenizer, reading stage and warm start: exactly the job
-configs/cards.py:<game> runs (Points24's and Blackjack's with their recipes,
+configs/cards.py:<game> runs (NumberLine's, Points24's and Blackjack's with their recipes,
 `config.per_game.<game>`),
 so a finished workdir of one of those copied to workdir/<game> is reused as it is; then
 one report over the four in workdir/cards_results.md.
@@ -80,7 +82,10 @@ def get_config(arg=None):
   if arg == "cpu":
     config.warm_start = stages_cards.SEPARATE
     config.per_game.points24 = cards.points24_recipe()
+    config.per_game.numberline = cards.numberline_recipe()
     config.per_game.blackjack = cards.blackjack_recipe()
+  if arg == "numberline":
+    config = stages_cards.overridden(config, cards.numberline_recipe())
   if arg == "points24":
     config = stages_cards.overridden(config, cards.points24_recipe())
   if arg == "blackjack":

@@ -85,7 +85,7 @@ def test_a_game_of_its_own_takes_its_own_reading_stage():
   config.per_game.blackjack = dict(reading=dict(steps=3000))
   cards.check_per_game(config)
   assert cards.separate_config(config, "blackjack").reading.steps == 3000
-  assert cards.separate_config(config, "numberline").reading.steps == 1200
+  assert cards.separate_config(config, "ezpoints").reading.steps == 1200
 
 
 def test_a_per_game_value_out_of_range_names_the_game(tmp_path):
