@@ -10,8 +10,8 @@ Points24 recipe that wins above the reference on 2 CPU cores (`cards.points24_re
 symbols, 1000 latent BC steps, PPO at lr 1e-5; results/points24_plans/README.md);
 `blackjack` the defaults with the Blackjack recipe (`cards.blackjack_recipe`: 4096 expert
 transitions, 1000 glyph and 4000 reading steps, 2000 SFT steps, as the Blackjack warm
-start that won above the reference had, and 16 PPO updates). `all` (the default) runs the four
-in one workdir, which is how the results table is made: the expert plays each game,
+start that won above the reference had, and 16 PPO updates). `all` (the default) runs the
+four in one workdir, which is how the results table is made: the expert plays each game,
 one tiny Qwen2.5-VL is warm-started on all four games' expert chain-of-thought, the
 latent action model is fitted on the same data, then PPO runs per game in token space
 and in latent space, and workdir/cards_results.md puts the success rates beside the
