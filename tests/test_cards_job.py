@@ -4,6 +4,8 @@ import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,8 @@ from latent_mca.stages import cards
 from latent_mca.training import checkpoint
 from latent_mca.training.checkpoint import CheckpointNotFoundError
 from tests.test_reference_configs import _load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +301,46 @@ def test_the_report_of_separate_jobs_reads_each_games_folder(tmp_path):
   text = open(tmp_path / "cards_results.md").read()
   assert "| ours: SFT only | 91.5 (200 ep.) | 41.2 (200 ep.) |" in text
   assert "each game a job of its own" in text
+
+
+def test_restored_results_make_the_same_report_beside_a_game_run_again(tmp_path):
+  """A game's results restored from a saved table (its workdir gone) are reported as they
+  were, beside another game's results written since."""
+  config = cards_configs.get_config("smoke")
+  config.games, config.warm_start = "numberline,blackjack", "separate"
+  first, second = tmp_path / "first", tmp_path / "second"
+  for (label, rel, _), rate in zip(cards.ROWS, (91.5, 92.0, 93.25, 94.0, 95.5, 96.0)):
+    for game, workdir in (("numberline", first), ("blackjack", first), ("blackjack", second)):
+      path = workdir / game / game / rel
+      os.makedirs(path.parent, exist_ok=True)
+      path.write_text(json.dumps({"success_rate": rate - (game == "blackjack") * 50,
+                                  "episodes": 200, "counted": cards.COUNTED,
+                                  "made_from": {"sft": "sft/600@1"}, "label": label}))
+  cards.report(config, str(first))
+  table = str(first / "cards_results.json")
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.cards_restore_results",
+       f"--config={cards_configs.__file__}:smoke", "--config.games=numberline,blackjack",
+       "--config.warm_start=separate", f"--workdir={second}", f"--results={table}",
+       "--games=numberline"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert out.startswith(f"restored {len(cards.ROWS)} result files from {table}")
+  for _, rel, _ in cards.ROWS:
+    assert str(second / "numberline" / "numberline" / rel) in out
+  cards.report(config, str(second))
+  assert (second / "cards_results.md").read_text() == (first / "cards_results.md").read_text()
+  assert "| ours: token PPO | 93.2 (200 ep.) | 43.2 (200 ep.) |" in (
+      second / "cards_results.md").read_text()
+  # again: the same files are kept; a differing one is an error that changes nothing
+  assert cards.restore_results(config, table, str(second), ["numberline"]) == []
+  changed = second / "numberline" / "numberline" / "eval_sft.json"
+  changed.write_text(json.dumps({"success_rate": 1.0, "episodes": 200}))
+  with pytest.raises(FileExistsError, match="eval_sft.json is there and differs"):
+    cards.restore_results(config, table, str(second), ["numberline"])
+  assert json.loads(changed.read_text())["success_rate"] == 1.0
+  with pytest.raises(ValueError, match="holds no results for 'points24'"):
+    cards.restore_results(config, table, str(tmp_path / "third"), ["points24"])
+  with pytest.raises(FileNotFoundError, match="no such results table"):
+    cards.restore_results(config, str(tmp_path / "none.json"), str(second), ["numberline"])
 
 
 def _flat(tree: dict) -> dict:

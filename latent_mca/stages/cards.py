@@ -1509,6 +1509,44 @@ def report(config, workdir: str) -> dict:
   return {f"report/{k}": v for k, v in out.items()}
 
 
+def restore_results(config, table_path: str, workdir: str, names: Sequence[str]) -> list[str]:
+  """Writes the results of the games `names` that a report's table (its cards_results.json,
+  at `table_path`) holds back where their job wrote them under `workdir`
+  (`game_workdir`), so that a report over `workdir` takes them as they were made.
+
+  For a report over jobs some of which ran in a workdir that is gone: a game of
+  warm_start="separate" run again, the others' results restored beside it. Their
+  checkpoints are not restored, so nothing marks these results stale (`lineage.changed`),
+  and the expert row needs the game's expert stage run in its workdir (seconds; the expert
+  is deterministic). A file already there is kept; one that differs is an error. Returns
+  the paths written."""
+  if not os.path.isfile(table_path):
+    raise FileNotFoundError(f"{table_path}: no such results table (a cards report's "
+                            "cards_results.json)")
+  table = _json(table_path)
+  for game in names:
+    if not any(game in table.get(label, {}) for label, _, _ in ROWS):
+      raise ValueError(f"{table_path} holds no results for {game!r} (it has "
+                       f"{sorted({g for row in table.values() for g in row})})")
+  planned = []
+  for label, rel, _ in ROWS:
+    for game in names:
+      if game in table.get(label, {}):
+        path = os.path.join(game_workdir(config, workdir, game), game, rel)
+        result = table[label][game]
+        if os.path.isfile(path) and _json(path) != result:
+          raise FileExistsError(f"{path} is there and differs from {label!r} for {game} in "
+                                f"{table_path}: left as it is, nothing restored")
+        planned.append((path, result))
+  written = []
+  for path, result in planned:
+    if not os.path.isfile(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      backbone_lib.write_json(path, result)
+      written.append(path)
+  return written
+
+
 STAGES = {"expert": expert, "tokenizer": tokenizer, "reading": reading, "sft": sft,
           "eval_sft": eval_sft, "latent": latent, "eval_latent": eval_latent,
           "ppo_token": ppo_token,
