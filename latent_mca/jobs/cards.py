@@ -228,7 +228,7 @@ def blackjack_recipe() -> ml_collections.ConfigDict:
   won 39.4 (and token PPO from it 41.7: results/cards_gpu_h100/blackjack_alone_cpu/) had:
   4096 expert transitions, the reading stage of a game alone (`ALONE_READING`) and 2000
   SFT steps at batch 16. With those and the defaults' 4 PPO updates, token and latent PPO
-  both won 39.7 in fresh environments (results/cards_cpu_separate/blackjack/); with 16
+  both won 39.7 in fresh environments (results/cards_cpu_separate/blackjack_ppo4/); with 16
   updates (the learning rate decaying over all 16), 39.8 and 40.8, 42.5 and 43.4 in
   training (blackjack_ppo16/), so the recipe gives PPO 16. configs/cards.py:blackjack is the
   defaults with them; `cpu` sets them as per_game.blackjack."""
