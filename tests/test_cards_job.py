@@ -413,8 +413,7 @@ def test_the_blackjack_config_gives_its_job_the_winning_warm_starts_budget():
       "reading.steps": (1200, 4000), "sft.num_steps": (600, 2000),
       "ppo.num_updates": (4, 16), "ppo.lr_decay_updates": (4, 16)}
   ppo16 = _flat(json.load(open(os.path.join(
-      os.path.dirname(__file__), "..", "results", "cards_cpu_separate", "blackjack_ppo16",
-      "config.json"))))
+      ROOT, "results", "cards_cpu_separate", "blackjack_ppo16", "config.json"))))
   assert {k: v for k, v in ppo16.items() if k != "stages"} == {
       k: v for k, v in config.items() if k != "stages"}
   winner = _flat(json.load(open(os.path.join(

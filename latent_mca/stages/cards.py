@@ -1528,23 +1528,21 @@ def restore_results(config, table_path: str, workdir: str, names: Sequence[str])
     if not any(game in table.get(label, {}) for label, _, _ in ROWS):
       raise ValueError(f"{table_path} holds no results for {game!r} (it has "
                        f"{sorted({g for row in table.values() for g in row})})")
-  planned = []
+  missing = {}  # {path: result} of the files not there yet
   for label, rel, _ in ROWS:
     for game in names:
       if game in table.get(label, {}):
         path = os.path.join(game_workdir(config, workdir, game), game, rel)
         result = table[label][game]
-        if os.path.isfile(path) and _json(path) != result:
+        if not os.path.isfile(path):
+          missing[path] = result
+        elif _json(path) != result:
           raise FileExistsError(f"{path} is there and differs from {label!r} for {game} in "
                                 f"{table_path}: left as it is, nothing restored")
-        planned.append((path, result))
-  written = []
-  for path, result in planned:
-    if not os.path.isfile(path):
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      backbone_lib.write_json(path, result)
-      written.append(path)
-  return written
+  for path, result in missing.items():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    backbone_lib.write_json(path, result)
+  return list(missing)
 
 
 STAGES = {"expert": expert, "tokenizer": tokenizer, "reading": reading, "sft": sft,
